@@ -1,0 +1,492 @@
+"""MiniMind: a small GPT-style decoder-only language model, dense or Mixture-of-Experts, in one file.
+
+Read top to bottom: config -> RMSNorm -> rotary embeddings (RoPE, optional YaRN) -> attention masks ->
+grouped-query attention -> SwiGLU MLP -> MoE feed-forward -> decoder block -> model -> causal-LM head.
+
+The architecture and every parameter name follow Qwen3 / Qwen3-MoE (Hugging Face `modeling_qwen3.py`,
+`modeling_qwen3_moe.py`), so a checkpoint opens in stock `transformers`, vLLM and llama.cpp by changing
+`config.json` only. `tests/test_model.py` checks that the logits equal `Qwen3ForCausalLM`'s for the same weights.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+IGNORE_INDEX = -100  # label value that carries no loss (padding, prompt tokens)
+
+
+class MiniMindConfig(PretrainedConfig):
+    """Hyperparameters of a MiniMind model; one config for the dense and the MoE variant.
+
+    Defaults are the MiniMind family: hidden_size 768, 8 layers, 8 query heads sharing 4 key/value heads,
+    a 6400-token vocabulary, tied input/output embeddings. `use_moe=True` replaces every feed-forward by
+    `num_experts` SwiGLU experts of which `num_experts_per_tok` run per token.
+
+    Args:
+        intermediate_size: width of the SwiGLU hidden layer; default 8/3 * hidden_size rounded up to a
+            multiple of 64 (the LLaMA rule that keeps the MLP's parameter count near a 4x GELU MLP).
+        head_dim: width of one attention head; default hidden_size // num_attention_heads.
+        rope_theta: RoPE base wavelength (Su et al. 2021); 1e6 as in Qwen3.
+        rope_scaling: None, or YaRN context extension (Peng et al. 2023), e.g.
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}.
+        rope_parameters: the form transformers 5 saves both in: {"rope_type", "rope_theta", ...yarn keys}.
+            When given (as when loading a config.json) it wins over rope_theta and rope_scaling.
+        router_aux_loss_coef: weight of the load-balancing loss added to the LM loss (Switch Transformer).
+        norm_topk_prob: renormalize the selected experts' router probabilities to sum to 1.
+    """
+
+    model_type = "minimind"
+
+    def __init__(
+        self,
+        vocab_size: int = 6400,
+        hidden_size: int = 768,
+        intermediate_size: int | None = None,
+        num_hidden_layers: int = 8,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int = 4,
+        head_dim: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 32768,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 1e6,
+        rope_scaling: dict | None = None,
+        rope_parameters: dict | None = None,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        use_moe: bool = False,
+        num_experts: int = 4,
+        num_experts_per_tok: int = 1,
+        moe_intermediate_size: int | None = None,
+        norm_topk_prob: bool = True,
+        router_aux_loss_coef: float = 0.01,
+        tie_word_embeddings: bool = True,
+        pad_token_id: int = 0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        **kwargs,
+    ):
+        if hidden_size % num_attention_heads != 0 and head_dim is None:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}")
+        if num_attention_heads % num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads {num_attention_heads} must be a multiple of num_key_value_heads {num_key_value_heads}"
+            )
+        if use_moe and not 1 <= num_experts_per_tok <= num_experts:
+            raise ValueError(f"num_experts_per_tok {num_experts_per_tok} must be between 1 and num_experts {num_experts}")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size or 64 * math.ceil(hidden_size * 8 / 3 / 64)
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        if rope_parameters is None:
+            rope_parameters = {**(rope_scaling or {"rope_type": "default"}), "rope_theta": rope_theta}
+            rope_parameters["rope_type"] = rope_parameters.pop("type", rope_parameters.get("rope_type"))
+        self.rope_parameters = rope_parameters
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.use_moe = use_moe
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size or self.intermediate_size
+        self.norm_topk_prob = norm_topk_prob
+        self.router_aux_loss_coef = router_aux_loss_coef
+        super().__init__(  # also fills rope_parameters' defaults (transformers' standardize_rope_params)
+            tie_word_embeddings=tie_word_embeddings,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope_parameters["rope_theta"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight.
+
+    Computed in float32 whatever the input dtype, as in Qwen3. Input (..., dim) -> output (..., dim).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def rope_inverse_frequencies(config: MiniMindConfig) -> tuple[torch.Tensor, float]:
+    """Per-pair rotation frequencies of RoPE, optionally stretched by YaRN.
+
+    RoPE (Su et al. 2021, eq. 15) rotates the i-th pair of a head's channels by angle position * theta^(-2i/d).
+    YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension", eqs. 17-20) divides the slow
+    (long-wavelength) frequencies by `factor`, keeps the fast ones, blends the band between with a linear ramp,
+    and scales attention by 0.1 * ln(factor) + 1. Matches transformers' `_compute_yarn_parameters`.
+
+    Returns:
+        inv_freq: (head_dim // 2,) float32, radians per position.
+        attention_scaling: multiplier applied to cos and sin (1.0 without YaRN).
+    Raises:
+        ValueError: for a rope_type other than "default" and "yarn".
+    """
+    dim = config.head_dim
+    scaling = config.rope_parameters
+    base = scaling["rope_theta"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rope_type = scaling["rope_type"]
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type != "yarn":
+        raise ValueError(f"rope_type {rope_type!r} is not supported; use 'default' or 'yarn'")
+
+    factor = scaling["factor"]
+    original_max = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def channel_of(num_rotations):  # the channel pair that turns `num_rotations` times over the original context
+        return dim * math.log(original_max / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(channel_of(beta_fast)), 0)
+    high = min(math.ceil(channel_of(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a division by zero in the ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: fast channel, keep its frequency (extrapolate); 0: slow channel, interpolate
+    inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+    attention_scaling = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv_freq, attention_scaling
+
+
+class RotaryEmbedding(nn.Module):
+    """Turns position ids into the cos and sin tables RoPE multiplies queries and keys by.
+
+    forward(position_ids (batch, seq)) -> cos, sin, each (batch, seq, head_dim), in float32.
+    """
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_scaling = rope_inverse_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)  # (batch, seq, head_dim/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (batch, seq, head_dim): pairs are (i, i + head_dim/2)
+        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim: a 90-degree turn of each channel pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, heads, seq, head_dim) by the angles of cos/sin (batch, seq, head_dim)."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    query_length: int,
+    past_length: int,
+) -> torch.Tensor | None:
+    """The boolean mask of which keys each query may attend to, or None when plain causal masking suffices.
+
+    Three rules are combined: causal (a query at absolute position p sees keys 0..p), padding (keys whose
+    `attention_mask` is 0 are hidden), and packed documents (when `position_ids` restart at 0 inside a row
+    with no cache, a token only sees earlier tokens of its own document: the block-diagonal mask used for
+    packed pretraining, as in transformers' flattening collator). Every query may also see itself, so rows of
+    left padding never become all -inf (their outputs are ignored anyway).
+
+    Args:
+        attention_mask: (batch, past_length + query_length) with 1 for real tokens and 0 for padding, or None.
+        position_ids: (batch, query_length) positions of the new tokens.
+    Returns:
+        None (use `is_causal`), or a bool tensor (batch, 1, query_length, past_length + query_length).
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    packed = past_length == 0 and query_length > 1 and bool((position_ids[:, 1:] == 0).any())
+    if not padded and not packed:
+        return None
+    key_length = past_length + query_length
+    device = position_ids.device
+    query_index = torch.arange(past_length, key_length, device=device)[:, None]  # (q, 1)
+    key_index = torch.arange(key_length, device=device)[None, :]  # (1, k)
+    mask = (key_index <= query_index)[None, None]  # (1, 1, q, k)
+    if padded:
+        mask = mask & attention_mask[:, None, None, :key_length].bool()
+    if packed:
+        document = (position_ids == 0).cumsum(-1)  # (batch, q): document number of each token
+        mask = mask & (document[:, None, :, None] == document[:, None, None, :])
+    return mask | (key_index == query_index)[None, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention (Ainslie et al. 2023) with q/k RMSNorm (as in Qwen3) and RoPE.
+
+    `num_attention_heads` query heads share `num_key_value_heads` key/value heads, which shrinks the KV cache.
+    The product itself runs in `F.scaled_dot_product_attention` (flash / memory-efficient kernels where the
+    device has them). Input and output (batch, seq, hidden_size).
+    """
+
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)  # per head, before RoPE
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: Cache | None = None):
+        batch, seq, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (batch, heads, seq, head_dim)
+        if cache is not None:  # append this step's keys/values; get back all of them
+            k, v = cache.update(k, v, self.layer_idx)
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1)  # (batch, num_heads, kv_len, head_dim)
+        v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and seq > 1 and k.shape[2] == seq,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feed-forward: dense SwiGLU and Mixture of Experts
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)). (..., hidden) -> (..., hidden)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEFeedForward(nn.Module):
+    """Sparse Mixture-of-Experts feed-forward with a softmax top-k router (Shazeer et al. 2017; Qwen3-MoE).
+
+    Each token's router probabilities p = softmax(gate(x)) pick its `num_experts_per_tok` best experts; the
+    output is the sum of those experts' outputs weighted by their (renormalized) probabilities. Experts are
+    separate `MLP`s, so on disk they are `mlp.experts.E.gate_proj.weight`, exactly as Qwen3-MoE stores them.
+
+    forward(x (batch, seq, hidden)) -> (output (batch, seq, hidden), router_logits (batch * seq, num_experts)).
+    """
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
+
+    def forward(self, x):
+        batch, seq, hidden = x.shape
+        tokens = x.reshape(-1, hidden)  # (n_tokens, hidden)
+        router_logits = self.gate(tokens)  # (n_tokens, num_experts)
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (n_tokens, top_k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(chosen == e)  # the tokens routed to expert e, and in which top-k slot
+            if token_idx.numel() == 0:
+                continue
+            out.index_add_(0, token_idx, expert(tokens[token_idx]) * weights[token_idx, slot, None])
+        return out.view(batch, seq, hidden), router_logits
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Auxiliary load-balancing loss of the router (Switch Transformer, Fedus et al. 2022, eqs. 4-6).
+
+    loss = num_experts * sum_e f_e * P_e, where f_e is the fraction of routing slots sent to expert e and P_e
+    the mean router probability of e, both over all layers and all real (non-padding) tokens. It is minimal
+    (= top_k) when routing is uniform. Matches transformers' `load_balancing_loss_func` (Qwen3-MoE).
+
+    Args:
+        router_logits: one (batch * seq, num_experts) tensor per MoE layer.
+        attention_mask: (batch, seq), 1 for tokens that count; None counts every token.
+    Returns:
+        A scalar float32 tensor.
+    """
+    logits = torch.cat(router_logits, dim=0).float()  # (layers * batch * seq, num_experts)
+    probs = F.softmax(logits, dim=-1)
+    chosen = probs.topk(top_k, dim=-1).indices  # (rows, top_k)
+    slots = F.one_hot(chosen, num_experts).sum(dim=1).float()  # (rows, num_experts): 1 where chosen
+    if attention_mask is None:
+        weight = torch.ones(logits.shape[0], 1, device=logits.device)
+    else:
+        weight = attention_mask.reshape(-1, 1).float().repeat(len(router_logits), 1).to(logits.device)
+    tokens_per_expert = (slots * weight).sum(0) / weight.sum()  # f_e (times top_k)
+    prob_per_expert = (probs * weight).sum(0) / weight.sum()  # P_e
+    return num_experts * (tokens_per_expert * prob_per_expert).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MoEFeedForward(config) if config.use_moe else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        out = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(out, tuple):  # MoE also returns its router logits
+            out, router_logits = out
+            return x + out, router_logits
+        return x + out, None
+
+
+class MiniMindPreTrainedModel(PreTrainedModel):
+    """Hooks MiniMind into transformers: config class, weight init (normal(0, 0.02), norms at 1), save/load."""
+
+    config_class = MiniMindConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):  # a computed buffer, not in checkpoints: refill it after loading
+            init.copy_(module.inv_freq, rope_inverse_frequencies(module.config)[0])
+
+
+class MiniMindModel(MiniMindPreTrainedModel):
+    """Token embeddings -> decoder layers -> final norm. Output hidden states (batch, seq, hidden_size)."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + x.shape[1], device=x.device).expand(x.shape[0], -1)
+        mask = build_attention_mask(attention_mask, position_ids, x.shape[1], past_length)
+        cos, sin = self.rotary_emb(position_ids)
+        router_logits = []
+        for layer in self.layers:
+            x, layer_router_logits = layer(x, cos, sin, mask, cache)
+            if layer_router_logits is not None:
+                router_logits.append(layer_router_logits)
+        return self.norm(x), tuple(router_logits)
+
+
+class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
+    """MiniMind with a language-model head (tied to the input embeddings): next-token logits and loss.
+
+    forward(input_ids (batch, seq), attention_mask (batch, past + seq) or None, position_ids (batch, seq) or
+    None, cache (a transformers `Cache`) or None, labels (batch, seq) or None) -> MoeCausalLMOutputWithPast with
+    logits (batch, seq, vocab), loss (mean next-token cross-entropy over labels != -100, shifted here as in
+    Hugging Face, plus router_aux_loss_coef * aux_loss for MoE), aux_loss (MoE only) and the updated cache.
+    Works with `model.generate(...)` (greedy, sampling, streamers) through `GenerationMixin`.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__(config)
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        hidden, router_logits = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)
+        logits = self.lm_head(hidden[:, -logits_to_keep:])  # logits_to_keep=0 keeps every position
+
+        loss = aux_loss = None
+        if labels is not None:
+            # position t predicts token t+1: drop the last logit and the first label
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+        if router_logits and cache is None:  # balance is a training objective; skip it while generating
+            aux_loss = load_balancing_loss(
+                router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=logits, cache=cache if use_cache else None
+        )
