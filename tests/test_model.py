@@ -54,6 +54,7 @@ def test_moe_logits_and_losses_match_transformers_qwen3_moe(tmp_path):
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :6] = 0  # left padding: padded tokens must not count in the balance loss
     labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[0, 6] = -100  # the first real token would be predicted from a padding position
     with torch.no_grad():
         ours = model(input_ids, attention_mask=attention_mask, labels=labels)
         theirs = reference(input_ids, attention_mask=attention_mask, labels=labels)
