@@ -1,0 +1,338 @@
+"""From jsonl files to training tensors: packed pretraining blocks and chat samples with assistant-only labels.
+
+Every file is validated line by line before anything is tokenized, so a bad line ends in one
+DataFormatError naming "<file>:<line>" instead of a traceback deep inside a data loader. Tokenization runs
+through the `datasets` library (`.map(batched=True)`), whose cache makes the second run on the same file
+and tokenizer instant.
+
+Formats (one JSON object per line; blank lines are ignored):
+    pretraining  {"text": "..."}
+    SFT          {"conversations": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...],
+                  "tools": [...]}            optional JSON schemas of the functions the assistant may call
+                 an assistant message may carry "reasoning_content" (rendered as <think>...</think>) and
+                 "tool_calls": [{"name": ..., "arguments": {...}}] (OpenAI style {"function": {...}} also works)
+"""
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (the default ignore_index of F.cross_entropy)
+DOCUMENT_SEPARATOR = "<|endoftext|>"  # appended after every pretraining document
+
+# For each kind of message, the kinds that may come right before it (None: it opens the conversation).
+# "tool_calls" is an assistant message that calls tools; only tool results may follow it.
+ALLOWED_PREVIOUS = {
+    "system": {None},
+    "user": {None, "system", "assistant"},
+    "assistant": {"user", "tool"},
+    "tool_calls": {"user", "tool"},
+    "tool": {"tool_calls", "tool"},
+}
+
+
+class DataFormatError(ValueError):
+    """A data file the user supplied is unusable; the message reads "<path>:<line>: <what is wrong>"."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def read_jsonl(path: str | Path, check_record: Callable[[dict], None]) -> list[dict]:
+    """Parse and validate every line of a jsonl file.
+
+    Args:
+        path: the jsonl file.
+        check_record: raises DataFormatError (without location) when a parsed line is not a valid record,
+            e.g. check_pretrain_record or check_sft_record.
+    Returns:
+        the records, in file order (blank lines skipped).
+    Raises:
+        DataFormatError naming the file (and the 1-based line) for a missing file, a directory, an empty
+        file, a line that is not UTF-8, not JSON, not a JSON object, or rejected by check_record.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataFormatError(f"{path}: is a directory; expected a .jsonl file")
+    records = []
+    with open(path, "rb") as f:
+        for line_no, raw_line in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataFormatError(f"{where}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataFormatError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            try:
+                check_record(record)
+            except DataFormatError as error:
+                raise DataFormatError(f"{where}: {error}") from None
+            records.append(record)
+    if not records:
+        raise DataFormatError(f"{path}: the file is empty; expected one JSON object per line")
+    return records
+
+
+def check_pretrain_record(record: dict) -> None:
+    """A pretraining line is {"text": <non-empty string>}."""
+    if "text" not in record:
+        raise DataFormatError(f'missing key "text" (keys: {sorted(record)})')
+    if not isinstance(record["text"], str):
+        raise DataFormatError(f'"text" must be a string, got {type(record["text"]).__name__}')
+    if not record["text"].strip():
+        raise DataFormatError('"text" is empty')
+
+
+def check_sft_record(record: dict) -> None:
+    """An SFT line holds a conversation: an optional system message, then user and assistant turns that
+    alternate and end with an assistant; tool messages only right after an assistant message with tool_calls.
+    """
+    if "conversations" not in record:
+        raise DataFormatError(f'missing key "conversations" (keys: {sorted(record)})')
+    messages = record["conversations"]
+    if not isinstance(messages, list) or not messages:
+        raise DataFormatError('"conversations" must be a non-empty list of {"role", "content"} objects')
+    tools = record.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise DataFormatError('"tools" must be a list of objects (JSON schemas of functions)')
+    previous = None
+    for i, message in enumerate(messages):
+        kind = check_message(message, f"conversations[{i}]")
+        if previous not in ALLOWED_PREVIOUS[kind]:
+            after = {None: "the start", "tool_calls": "an assistant message with tool_calls"}.get(
+                previous, f"a {previous!r} message")
+            raise DataFormatError(
+                f"conversations[{i}]: a {message['role']!r} message cannot follow {after}; expected an optional "
+                "system message, then user/assistant turns alternating (tool messages only after an assistant "
+                "message with tool_calls)")
+        previous = kind
+    if previous not in ("assistant", "tool_calls"):
+        raise DataFormatError(f"conversations must end with an assistant message, not a {previous!r} message")
+
+
+def check_message(message: object, where: str) -> str:
+    """Check one message of a conversation and return its kind: its role, or "tool_calls" for an assistant
+    message that calls tools."""
+    if not isinstance(message, dict):
+        raise DataFormatError(f'{where} must be an object with "role" and "content", got {type(message).__name__}')
+    for key in ("role", "content"):
+        if not isinstance(message.get(key), str):
+            raise DataFormatError(f'{where}: "{key}" must be a string, got {message.get(key)!r:.40}')
+    role = message["role"]
+    if role not in ("system", "user", "assistant", "tool"):
+        raise DataFormatError(f"{where}: unknown role {role!r}; expected system, user, assistant or tool")
+    extra = {"reasoning_content", "tool_calls"} & set(message)
+    if role != "assistant" and extra:
+        raise DataFormatError(f"{where}: only assistant messages may have {sorted(extra)}")
+    if "reasoning_content" in message and not isinstance(message["reasoning_content"], str):
+        raise DataFormatError(f'{where}: "reasoning_content" must be a string')
+    if "tool_calls" in message:
+        calls = message["tool_calls"]
+        if not (isinstance(calls, list) and all(is_tool_call(call) for call in calls)):
+            raise DataFormatError(f'{where}: "tool_calls" must be a list of {{"name": str, "arguments": object}}')
+        if calls:
+            return "tool_calls"  # its content may be empty: the calls are the reply
+    if not message["content"].strip():
+        raise DataFormatError(f'{where}: empty "content" in a {role} message')
+    return role
+
+
+def is_tool_call(call: object) -> bool:
+    """{"name": str, "arguments": object or JSON string}, bare or wrapped as {"function": {...}} (OpenAI)."""
+    call = call.get("function", call) if isinstance(call, dict) else None
+    return (isinstance(call, dict) and isinstance(call.get("name"), str)
+            and isinstance(call.get("arguments"), (dict, str)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensors
+
+
+def pad_collate(items: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack samples into a batch, right-padding them to the longest one.
+
+    Args:
+        items: dicts of 1-D LongTensors (input_ids, labels, optionally position_ids), lengths L_i.
+        pad_token_id: value of input_ids at padded positions; labels are padded with IGNORE_INDEX
+            (no loss), anything else with 0.
+    Returns:
+        dict of (batch, max L_i) LongTensors, plus attention_mask (1 real / 0 pad) when lengths differ
+        (when they do not, the model runs its plain causal attention).
+    """
+    padding_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
+    batch = {key: pad_sequence([item[key] for item in items], batch_first=True,
+                               padding_value=padding_values.get(key, 0))
+             for key in items[0]}
+    lengths = torch.tensor([len(item["input_ids"]) for item in items])
+    if (lengths != lengths[0]).any():
+        batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1]) < lengths[:, None]).long()
+    return batch
+
+
+def document_position_ids(input_ids: torch.Tensor, separator_id: int) -> torch.Tensor:
+    """Positions that restart at 0 at every document start of a packed block.
+
+    A document starts at position 0 of the block and at the token right after each separator; the separator
+    itself ends the document before it. The model reads restarts inside a row as packed documents and
+    builds a block-diagonal causal mask, so no token attends to an earlier document.
+
+    Args:
+        input_ids: (..., seq_len) token ids.
+    Returns:
+        (..., seq_len) LongTensor. Example: [a, b, SEP, c, d] -> [0, 1, 2, 0, 1].
+    """
+    seq_len = input_ids.shape[-1]
+    position = torch.arange(seq_len).expand_as(input_ids)
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[..., 0] = True
+    starts[..., 1:] = input_ids[..., :-1] == separator_id
+    # index of the latest document start at or before each position
+    last_start = torch.where(starts, position, 0).cummax(dim=-1).values
+    return position - last_start
+
+
+class PretrainDataset(Dataset):
+    """Text documents packed into full blocks of max_seq_len tokens, with no padding.
+
+    Each document is tokenized once and followed by <|endoftext|>; the stream of all documents is cut into
+    consecutive blocks (documents cross block borders; the tail shorter than a block is dropped), as in
+    GPT-2/nanoGPT pretraining. labels == input_ids: the model shifts them, so position t predicts token t+1.
+
+    Args:
+        data_path: jsonl of {"text": ...} lines.
+        tokenizer: a Hugging Face tokenizer with the <|endoftext|> token.
+        max_seq_len: block length in tokens.
+        doc_mask: also return position_ids restarting at every document (see document_position_ids).
+    Items: {"input_ids": (max_seq_len,), "labels": (max_seq_len,)[, "position_ids": (max_seq_len,)]}.
+    Raises:
+        DataFormatError for a bad file or line, or a file with fewer than max_seq_len tokens.
+    """
+
+    def __init__(self, data_path: str | Path, tokenizer, max_seq_len: int, doc_mask: bool = False):
+        read_jsonl(data_path, check_pretrain_record)
+        separator_id = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+        if separator_id is None:
+            raise ValueError(f"the tokenizer has no {DOCUMENT_SEPARATOR} token to separate documents")
+
+        def tokenize(batch):
+            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            return {"input_ids": [doc + [separator_id] for doc in ids]}
+
+        documents = load_dataset("json", data_files=str(data_path), split="train")
+        documents = documents.map(tokenize, batched=True, remove_columns=documents.column_names,
+                                  desc="tokenizing documents")
+        stream = torch.cat(list(documents.with_format("torch")["input_ids"]))  # (total_tokens,)
+        num_blocks = len(stream) // max_seq_len
+        if num_blocks == 0:
+            raise DataFormatError(f"{data_path}: {len(stream)} tokens in all, fewer than one block of "
+                                  f"max_seq_len={max_seq_len}; use a shorter max_seq_len or more text")
+        self.blocks = stream[: num_blocks * max_seq_len].view(num_blocks, max_seq_len)  # (num_blocks, max_seq_len)
+        self.lengths = [max_seq_len] * num_blocks
+        self.separator_id, self.pad_token_id, self.doc_mask = separator_id, tokenizer.pad_token_id, doc_mask
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        input_ids = self.blocks[index]
+        item = {"input_ids": input_ids, "labels": input_ids.clone()}
+        if self.doc_mask:
+            item["position_ids"] = document_position_ids(input_ids, self.separator_id)
+        return item
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stack blocks (all max_seq_len long, so no padding and no attention_mask)."""
+        return pad_collate(items, self.pad_token_id)
+
+
+def build_assistant_labels(tokenizer, messages: list[dict], tools: list[dict] | None = None):
+    """Render a conversation with the chat template and label only what the assistant writes.
+
+    The template wraps each assistant reply (reasoning, content, tool calls and its closing <|im_end|>)
+    in {% generation %}; apply_chat_template turns those spans into assistant_masks. Learning the
+    <|im_end|> is what teaches the model to stop.
+
+    Returns:
+        (input_ids, labels): two lists of equal length; labels are the input_ids inside assistant replies
+        and IGNORE_INDEX elsewhere (system, user, tool turns and the role headers).
+    """
+    encoded = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    input_ids = encoded["input_ids"]
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(input_ids, encoded["assistant_masks"])]
+    return input_ids, labels
+
+
+class SFTDataset(Dataset):
+    """Chat conversations for supervised fine-tuning, loss on the assistant replies only.
+
+    Samples keep their own length (no padding here); collate pads a batch to its longest sample, and
+    `lengths` lets the trainer batch samples of similar length together.
+
+    Args:
+        data_path: jsonl of {"conversations": [...], "tools"?: [...]} lines (see the module docstring).
+        tokenizer: a Hugging Face tokenizer with the ChatML template of trainer/train_tokenizer.py.
+        max_seq_len: samples are cut to this many tokens; a sample left with no assistant token is dropped
+            (the count is logged).
+    Items: {"input_ids": (L,), "labels": (L,)} with L <= max_seq_len.
+    Raises:
+        DataFormatError for a bad file or line, or when every sample would be dropped.
+    """
+
+    def __init__(self, data_path: str | Path, tokenizer, max_seq_len: int):
+        num_records = len(read_jsonl(data_path, check_sft_record))
+        self.pad_token_id = tokenizer.pad_token_id
+
+        def tokenize(batch):
+            out = {"input_ids": [], "labels": []}
+            for line in batch["text"]:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                input_ids, labels = build_assistant_labels(tokenizer, record["conversations"], record.get("tools"))
+                if any(label != IGNORE_INDEX for label in labels[:max_seq_len]):
+                    out["input_ids"].append(input_ids[:max_seq_len])
+                    out["labels"].append(labels[:max_seq_len])
+            return out
+
+        # Lines are loaded as plain text and parsed here: the "json" loader would give every record one
+        # Arrow schema, merging the keys of all tool-call arguments and filling the missing ones with null.
+        lines = load_dataset("text", data_files=str(data_path), split="train")
+        samples = lines.map(tokenize, batched=True, remove_columns=["text"], desc="applying chat template")
+        if len(samples) == 0:
+            raise DataFormatError(f"{data_path}: no conversation has an assistant token within the first "
+                                  f"max_seq_len={max_seq_len} tokens; use a longer max_seq_len")
+        if len(samples) < num_records:
+            logger.warning("%s: dropped %d of %d conversations with no assistant token in the first %d tokens",
+                           data_path, num_records - len(samples), num_records, max_seq_len)
+        self.lengths = [len(ids) for ids in samples["input_ids"]]
+        self.samples = samples.with_format("torch")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.samples[index]
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest sample: input_ids with the pad token, labels with IGNORE_INDEX,
+        plus attention_mask when lengths differ."""
+        return pad_collate(items, self.pad_token_id)

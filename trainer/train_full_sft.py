@@ -1,0 +1,59 @@
+"""Supervised fine-tuning (SFT): teach a pretrained model to answer in the chat format, all weights trained.
+
+Each conversation is rendered with the tokenizer's ChatML template (<|im_start|>role ... <|im_end|>) and the
+loss covers only what the assistant writes, its closing <|im_end|> included (that is what teaches the model
+to stop); system, user and tool tokens have label -100. The objective is the next-token cross-entropy over
+the N assistant positions of a batch (InstructGPT, Ouyang et al. 2022, step 1):
+
+    L = -1/N * sum_{t: x_{t+1} is assistant} log p(x_{t+1} | x_1 .. x_t)
+
+Samples keep their own length; the loop batches samples of similar length together and pads each batch to its
+longest sample. Defaults: dataset/data/sft.jsonl, starting from out/pretrain_<hidden_size>, 3 epochs, peak
+learning rate 1e-3 (half of pretraining's: the model already knows the language; large models use far lower
+rates), 16 conversations per step.
+
+    python trainer/train_full_sft.py                         # after trainer/train_pretrain.py
+    torchrun --nproc_per_node 2 trainer/train_full_sft.py    # two processes (two GPUs, or CPU with gloo)
+
+Writes out/full_sft_<hidden_size>/ (chat with it: scripts/chat.py) and out/runs/full_sft_<hidden_size>/metrics.jsonl.
+"""
+
+import torch.nn.functional as F
+
+from dataset.lm_dataset import IGNORE_INDEX, SFTDataset
+from trainer.trainer_utils import REPO_ROOT, load_model, parse_args, run_main, train
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # 1. Flags: the shared ones with this stage's defaults
+    args = parse_args("full_sft", __doc__, argv=argv, defaults={
+        "data_path": str(REPO_ROOT / "dataset" / "data" / "sft.jsonl"),
+        "eval_data_path": str(REPO_ROOT / "dataset" / "data" / "sft_test.jsonl"),
+        "from_weight": "pretrain",
+        "learning_rate": 1e-3,
+        "epochs": 3,
+    })
+    model, tokenizer = load_model(args)
+
+    # 2. Dataset: conversations through the chat template, labels -100 outside the assistant's replies
+    train_dataset = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
+    eval_dataset = SFTDataset(args.eval_data_path, tokenizer, args.max_seq_len) if args.eval_data_path else None
+
+    # 3. Loss: next-token cross-entropy on the assistant's tokens (+ the router's load-balancing loss for MoE)
+    aux_loss_coef = model.config.router_aux_loss_coef
+
+    def loss_fn(model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        logits = out.logits[:, :-1]  # (batch, seq - 1, vocab): position t predicts token t + 1
+        targets = batch["labels"][:, 1:]  # (batch, seq - 1), -100 on prompt and padding tokens
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if out.aux_loss is None:
+            return lm_loss, {}
+        return lm_loss + aux_loss_coef * out.aux_loss, {"lm_loss": lm_loss.detach(), "aux_loss": out.aux_loss.detach()}
+
+    # 4. The shared loop: accumulation, clipping, schedule, logging, eval, checkpoints, resume
+    return train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=eval_dataset)
+
+
+if __name__ == "__main__":
+    run_main(main)

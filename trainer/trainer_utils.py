@@ -1,0 +1,430 @@
+"""The one training loop every stage script shares, and what it needs around it.
+
+A stage script (train_pretrain.py, train_full_sft.py, ...) reads in four parts and calls this module three times:
+
+    args = parse_args("pretrain", __doc__, add_flags=..., defaults=...)  # flags; device, dtype, torchrun, seeds
+    model, tokenizer = load_model(args)                                  # --from_weight: none | stage | path
+    dataset = PretrainDataset(args.data_path, tokenizer, args.max_seq_len)
+    def loss_fn(model, batch): ...                                       # the stage's math, in the stage script
+    train(args, model, tokenizer, dataset, loss_fn, eval_dataset)        # this loop
+
+Read top to bottom: flags -> the entry point -> loading a model -> the order of the data -> the learning-rate
+schedule and optimizer -> `train` itself. Around it: `trainer/distributed.py` (device, dtype, torchrun, rank-0
+output), `trainer/checkpoint.py` (files on disk), `trainer/monitor.py` (eval, metrics log, stop signals).
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import transformers
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from dataset.lm_dataset import DataFormatError
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.checkpoint import checkpoint_name, restore_checkpoint, save_checkpoint
+from trainer.distributed import default_device, log, rank_and_world_size, setup_run
+from trainer.monitor import MetricsLog, evaluate, stop_on_signal
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LENGTH_GROUP_BATCHES = 50  # samples are sorted by length within chunks of this many batches
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags
+
+
+def parse_args(stage: str, description: str, add_flags=None, defaults: dict | None = None, argv=None):
+    """Parse the shared flags (plus the stage's own), then set up the run: device, dtype, torchrun, seeds.
+
+    Args:
+        stage: the stage's name; the default --save_weight, e.g. "pretrain".
+        add_flags: optional function(parser) adding the stage's own flags.
+        defaults: {flag dest: value} overriding shared defaults, e.g. {"learning_rate": 5e-5}.
+        argv: the command line without the program name; None reads sys.argv.
+    Returns:
+        argparse.Namespace with every flag, `stage`, and `device` / `dtype` resolved to what this process uses.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    paths = parser.add_argument_group("data and checkpoints")
+    paths.add_argument("--data_path", help="training jsonl file")
+    paths.add_argument("--eval_data_path", help="held-out jsonl file for eval loss and perplexity (empty: no eval)")
+    paths.add_argument("--save_dir", default=str(REPO_ROOT / "out"), help="where weights dirs and runs/ logs go")
+    paths.add_argument("--checkpoint_dir", default=str(REPO_ROOT / "checkpoints"), help="where resume states go")
+    paths.add_argument("--save_weight", default=stage, help="saved as <save_weight>_<hidden_size>[_moe]")
+    paths.add_argument("--from_weight", default="none", help="none | a stage name under --save_dir | a directory")
+    paths.add_argument("--from_resume", type=int, choices=(0, 1), default=0, help="1: continue the interrupted run")
+    paths.add_argument("--tokenizer_path", default=str(REPO_ROOT / "model" / "tokenizer"), help="tokenizer dir")
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--epochs", type=positive_int, default=1, help="passes over the training data")
+    optim.add_argument("--max_steps", type=positive_int, help="cap on optimizer steps; the schedule ends there")
+    optim.add_argument("--batch_size", type=positive_int, default=16, help="samples per micro-batch per process")
+    optim.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate after warmup")
+    optim.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay of matrices (not norms)")
+    optim.add_argument("--warmup_steps", type=int, default=20, help="optimizer steps of linear warmup")
+    optim.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate / peak learning rate")
+    optim.add_argument("--accumulation_steps", type=positive_int, default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient L2 norm (0: no clipping)")
+    run = parser.add_argument_group("hardware and logging")
+    run.add_argument("--device", default=default_device(), help="cuda | mps | cpu (first available)")
+    run.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                     help="autocast dtype; auto: bfloat16 on CUDA that has it, float16 on older CUDA, else float32")
+    run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (0: main process)")
+    run.add_argument("--seed", type=int, default=42, help="seed of the initialization and the data order")
+    run.add_argument("--log_interval", type=positive_int, default=10, help="optimizer steps between log lines")
+    run.add_argument("--eval_interval", type=positive_int, default=100, help="optimizer steps between evals")
+    run.add_argument("--eval_batches", type=positive_int, default=50, help="most batches per eval")
+    run.add_argument("--save_interval", type=positive_int, default=1000, help="optimizer steps between saves")
+    run.add_argument("--use_wandb", type=int, choices=(0, 1), default=0, help="1: also log to Weights & Biases")
+    run.add_argument("--wandb_project", default="minimind", help="wandb project name")
+    shape = parser.add_argument_group(
+        "model shape (for --from_weight none; a checkpoint brings its own, and --hidden_size, --use_moe pick the "
+        "stage's directory). The defaults are a 4.6M-parameter model sized for the shipped data on a laptop CPU; "
+        "MiniMind2-small is --hidden_size 512 --num_hidden_layers 8 --num_attention_heads 8 "
+        "--num_key_value_heads 4, MiniMind2 is --hidden_size 768 --num_hidden_layers 16 (same heads)")
+    shape.add_argument("--hidden_size", type=positive_int, default=256, help="width of the residual stream")
+    shape.add_argument("--num_hidden_layers", type=positive_int, default=4, help="decoder layers")
+    shape.add_argument("--num_attention_heads", type=positive_int, default=4, help="query heads")
+    shape.add_argument("--num_key_value_heads", type=positive_int, default=2, help="key/value heads (GQA)")
+    shape.add_argument("--max_seq_len", type=positive_int, default=256, help="tokens per training sample")
+    shape.add_argument("--use_moe", type=int, choices=(0, 1), default=0, help="1: Mixture-of-Experts feed-forward")
+    shape.add_argument("--num_experts", type=positive_int, default=4, help="experts per MoE layer")
+    shape.add_argument("--num_experts_per_tok", type=positive_int, default=1, help="experts each token runs")
+    if add_flags is not None:
+        add_flags(parser)
+    unknown = set(defaults or {}) - {action.dest for action in parser._actions}
+    if unknown:
+        raise ValueError(f"defaults name no flag: {sorted(unknown)}")
+    parser.set_defaults(**(defaults or {}))
+    args = parser.parse_args(argv)
+    args.stage = stage
+    setup_run(args)
+    return args
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the stage docstring's line breaks and ends every flag's line with its default."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a stage's main(): a user mistake ends with one line on stderr and exit status 1, not a traceback."""
+    try:
+        main()
+    except (DataFormatError, FileNotFoundError) as error:
+        sys.exit(str(error))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a model
+
+
+def resolve_weight_dir(args) -> Path:
+    """The directory --from_weight names: a stage under --save_dir (picked by --hidden_size, --use_moe) or a path.
+
+    Raises:
+        SystemExit: when no checkpoint (config.json) is there.
+    """
+    stage_dir = Path(args.save_dir) / checkpoint_name(args.from_weight, args.hidden_size, args.use_moe)
+    directory = stage_dir if stage_dir.is_dir() else Path(args.from_weight)
+    if not directory.is_dir() and os.sep in args.from_weight:
+        raise SystemExit(f"--from_weight {args.from_weight}: no such directory")
+    if not directory.is_dir():
+        raise SystemExit(f"--from_weight {args.from_weight}: no checkpoint at {stage_dir}; "
+                         f"run trainer/train_{args.from_weight}.py first or pass a directory")
+    if not (directory / "config.json").is_file():
+        raise SystemExit(f"--from_weight {args.from_weight}: {directory} has no config.json; not a checkpoint")
+    return directory
+
+
+def load_model(args) -> tuple[MiniMindForCausalLM, transformers.PreTrainedTokenizerBase]:
+    """Build or load the model --from_weight names, with its tokenizer.
+
+    A checkpoint directory brings its own tokenizer files; a fresh model uses --tokenizer_path.
+    `--from_weight none` builds a fresh MiniMindForCausalLM from the shape flags, with vocab_size and the
+    pad/bos/eos ids taken from the tokenizer. Otherwise the checkpoint's own config.json decides the shape and
+    the weights load strictly: a missing, unexpected or mismatched tensor is an error, never a silent re-init.
+    The model stays in float32 (the master weights); `train` runs the forward pass under autocast.
+
+    Raises:
+        SystemExit: no tokenizer, unknown --from_weight, weights that do not fit, a tokenizer larger than the
+            model's vocabulary.
+    """
+    directory = None if args.from_weight == "none" else resolve_weight_dir(args)
+    # a checkpoint carries the tokenizer it was trained with; a fresh model takes --tokenizer_path
+    tokenizer_dir = directory if directory and (directory / "tokenizer_config.json").is_file() else args.tokenizer_path
+    if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+        raise SystemExit(f"--tokenizer_path {tokenizer_dir}: no tokenizer there (tokenizer_config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if directory is None:
+        try:
+            config = MiniMindConfig(
+                vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
+                use_moe=bool(args.use_moe), num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),  # ChatML opens every turn with it
+            )
+        except ValueError as error:  # e.g. --hidden_size not divisible by --num_attention_heads
+            raise SystemExit(f"model shape flags: {error}") from None
+        model = MiniMindForCausalLM(config)
+    else:
+        # ignore_mismatched_sizes only makes transformers report a wrong shape instead of raising: we raise below
+        model, info = MiniMindForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True,
+                                                          ignore_mismatched_sizes=True)
+        problems = "; ".join(f"{kind.removesuffix('_keys')}: {', '.join(sorted(map(str, keys)))}"
+                             for kind, keys in info.items() if keys)
+        if problems:
+            raise SystemExit(f"--from_weight {args.from_weight}: the weights in {directory} do not fit ({problems})")
+    if len(tokenizer) > model.config.vocab_size:
+        raise SystemExit(
+            f"--tokenizer_path {args.tokenizer_path} has {len(tokenizer)} tokens but the model's vocabulary has "
+            f"{model.config.vocab_size}; use the tokenizer the checkpoint was trained with"
+        )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The order of the data
+
+
+def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None,
+                  rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """The batches (lists of sample indices) this rank reads in `epoch`: the same for the same arguments.
+
+    A random permutation from (seed, epoch) is cut into batches. When samples have different `lengths`, the
+    permutation is first sorted by length within chunks of LENGTH_GROUP_BATCHES batches and the batches are then
+    shuffled: each batch holds samples of similar length (little padding) and the order stays random.
+    Rank r takes batches r, r + world_size, ...; the batch count is cut to a multiple of world_size so every
+    rank runs the same number of steps (DDP waits for all of them at each step).
+
+    Raises:
+        SystemExit: when the data has fewer batches than there are processes.
+    """
+    generator = torch.Generator().manual_seed(seed * 10_000 + epoch)
+    order = torch.randperm(num_samples, generator=generator).tolist()
+    grouped = lengths is not None and len(set(lengths)) > 1
+    if grouped:
+        chunk = batch_size * LENGTH_GROUP_BATCHES
+        chunks = [sorted(order[start:start + chunk], key=lengths.__getitem__) for start in range(0, num_samples, chunk)]
+        order = [i for sorted_chunk in chunks for i in sorted_chunk]
+    batches = [order[start:start + batch_size] for start in range(0, num_samples, batch_size)]
+    if grouped:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    usable = len(batches) - len(batches) % world_size
+    if usable == 0:
+        raise SystemExit(f"{num_samples} samples make fewer batches of --batch_size {batch_size} than the "
+                         f"{world_size} processes; lower --batch_size or use more data")
+    return batches[rank:usable:world_size]
+
+
+def count_tokens(batch: dict) -> int:
+    """Non-padding input tokens of a batch (before it moves to the device, so no GPU sync)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule and optimizer
+
+
+def cosine_lr(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine decay to min_lr_ratio * max_lr.
+
+        warmup (step < W):   lr = max_lr * (step + 1) / W
+        decay:               p = (step - W) / (T - 1 - W),  lr = min_lr + (max_lr - min_lr) * (1 + cos(pi * p)) / 2
+
+    with W = warmup_steps, T = total_steps, min_lr = min_lr_ratio * max_lr, so the first step after warmup runs at
+    max_lr and the last step (T - 1) at min_lr. SGDR (Loshchilov & Hutter 2017); the warmup of Goyal et al. 2017.
+    """
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    min_lr = min_lr_ratio * max_lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) over the trainable parameters; weight decay on matrices only.
+
+    Norm weights and biases (1-D) are not decayed, as in GPT-2/nanoGPT: shrinking them toward 0 has no
+    regularizing meaning. Betas (0.9, 0.95) as in GPT-3 and LLaMA.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = torch.device(args.device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=fused)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def optimizer_step(model, data, num_micro: int, loss_fn, optimizer, scaler, autocast, args):
+    """One optimizer step over the next `num_micro` micro-batches of `data`: accumulate, clip, step.
+
+    Each micro-batch's loss is divided by num_micro, so the summed gradients are those of the mean loss. Under
+    DDP the gradient all-reduce runs only on the last micro-batch's backward (`no_sync` on the others).
+    Returns:
+        (mean loss over the micro-batches, {metric: mean}, non-padding input tokens, gradient norm before clipping)
+    """
+    device = torch.device(args.device)
+    loss_sum, metric_sums, tokens = torch.zeros((), device=device), {}, 0
+    for i in range(num_micro):
+        batch = next(data)
+        tokens += count_tokens(batch)
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        last = i == num_micro - 1
+        with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
+            with autocast:
+                loss, metrics = loss_fn(model, batch)
+            scaler.scale(loss / num_micro).backward()
+        loss_sum += loss.detach().float()
+        for key, value in metrics.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + torch.as_tensor(value, device=device).detach().float()
+    scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+    max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    scaler.step(optimizer)  # skipped by the scaler when float16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / num_micro, {key: value / num_micro for key, value in metric_sums.items()}, tokens, grad_norm
+
+
+def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None) -> dict:
+    """Train `model` by minimizing `loss_fn` over `train_dataset`; log, evaluate, save, and resume with --from_resume.
+
+    Args:
+        model: the unwrapped model (float32 master weights); moved to --device and wrapped in DDP here.
+        train_dataset, eval_dataset: datasets with `collate(items) -> dict of batched tensors` and optionally
+            `lengths` (token count per sample, used to batch samples of similar length together).
+        loss_fn: function(model, batch) -> (scalar loss tensor, {metric name: scalar}); `batch` is the collated dict
+            on the device. Metrics are averaged like the loss and logged; an `lm_loss` metric feeds the perplexity.
+    Returns:
+        {"step": final optimizer step, "loss": last logged loss, "eval_loss": last eval loss or None,
+         "weights_dir": where the weights were saved, "stopped": True when a signal ended the run early}
+    """
+    rank, world_size = rank_and_world_size()
+    device = torch.device(args.device)
+    model.to(device)
+    name = checkpoint_name(args.save_weight, model.config.hidden_size, model.config.use_moe)
+    weights_dir, resume_dir = Path(args.save_dir) / name, Path(args.checkpoint_dir) / f"{name}_resume"
+    autocast = nullcontext() if args.dtype == "float32" else torch.autocast(device.type, getattr(torch, args.dtype))
+    lengths = getattr(train_dataset, "lengths", None)
+    batches_per_epoch = len(epoch_batches(len(train_dataset), args.batch_size, args.seed, 0, lengths, rank, world_size))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.accumulation_steps)
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+
+    if eval_dataset is not None:  # a fixed random sample, so evals at different steps are comparable
+        eval_batches = epoch_batches(len(eval_dataset), args.batch_size, args.seed, 0,
+                                     getattr(eval_dataset, "lengths", None))[:args.eval_batches][rank::world_size]
+
+    optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # float16 needs loss scaling
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "elapsed_s": 0.0, "wandb_id": None}
+    resumed = bool(args.from_resume) and resume_dir.is_dir()
+    if resumed:
+        state.update(restore_checkpoint(resume_dir, model, optimizer, scaler))
+        log(f"resumed from {resume_dir} at step {state['step']}")
+    elif args.from_resume:
+        log(f"--from_resume 1: no resume state at {resume_dir} yet, starting at step 0")
+    ddp_model = model
+    if world_size > 1:  # MoE experts may get no token in a step: then DDP must expect unused parameters
+        device_ids = [device.index] if device.type == "cuda" else None
+        ddp_model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=model.config.use_moe)
+    metrics_log = MetricsLog(Path(args.save_dir) / "runs" / name / "metrics.jsonl", args,
+                             state["step"] if resumed else None, state["wandb_id"])
+    state["wandb_id"] = metrics_log.wandb_id
+
+    log(f"{name}: {len(train_dataset)} samples, {steps_per_epoch} steps per epoch, {total_steps} steps of "
+        f"{args.batch_size * args.accumulation_steps * world_size} samples, {world_size} process(es), {device}, "
+        f"{args.dtype}")
+    step, summary = state["step"], {"loss": None, "eval_loss": None, "stopped": False}
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    clock = time.time() - state["elapsed_s"]  # elapsed_s continues across resumes
+    log_tokens, log_time = 0, time.time()
+    with stop_on_signal() as signals:
+        for epoch in range(state["epoch"], args.epochs):
+            batches = epoch_batches(len(train_dataset), args.batch_size, args.seed, epoch, lengths, rank, world_size)
+            position = state["batch_in_epoch"] if epoch == state["epoch"] else 0
+            data = iter(DataLoader(train_dataset, batch_sampler=batches[position:], collate_fn=train_dataset.collate,
+                                   num_workers=args.num_workers, pin_memory=device.type == "cuda"))
+            while position < len(batches) and step < total_steps and not summary["stopped"]:
+                lr = cosine_lr(step, args.learning_rate, args.warmup_steps, total_steps, args.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                num_micro = min(args.accumulation_steps, len(batches) - position)
+                loss, metrics, tokens, grad_norm = optimizer_step(
+                    ddp_model, data, num_micro, loss_fn, optimizer, scaler, autocast, args)
+                position, step = position + num_micro, step + 1
+                # over all ranks: mean loss and metrics, total tokens, and whether any rank was asked to stop
+                totals = torch.stack([loss, *metrics.values(), torch.tensor(float(tokens), device=device),
+                                      torch.tensor(float(signals["stop"]), device=device)])
+                if world_size > 1:
+                    dist.all_reduce(totals)
+                *means, step_tokens, stop = totals.tolist()
+                loss_value, metric_values = means[0] / world_size, [value / world_size for value in means[1:]]
+                if not math.isfinite(loss_value) and not scaler.is_enabled():
+                    raise SystemExit(f"loss is {loss_value} at step {step}; lower --learning_rate or check the data")
+                log_tokens += step_tokens
+                summary["stopped"] = stop > 0
+                state.update(step=step, epoch=epoch, batch_in_epoch=position, elapsed_s=time.time() - clock,
+                             tokens_seen=state["tokens_seen"] + int(step_tokens))
+                bar.update(1)
+
+                if step % args.log_interval == 0 or step == total_steps:
+                    tokens_per_s, log_tokens, log_time = log_tokens / (time.time() - log_time), 0, time.time()
+                    summary["loss"] = loss_value
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    metrics_log.write({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                                       "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
+                                       "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed_s"],
+                                       **dict(zip(metrics, metric_values))})
+                pause = time.time()  # eval and saving do not count against tokens/s
+                if eval_dataset is not None and (step % args.eval_interval == 0 or step == total_steps):
+                    result = evaluate(model, eval_dataset, eval_batches, loss_fn, device, autocast)
+                    summary["eval_loss"] = result["eval_loss"]
+                    log(f"step {step}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
+                    metrics_log.write({"step": step, **result})
+                if step % args.save_interval == 0 or step == total_steps or summary["stopped"]:
+                    save_checkpoint(model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir)
+                log_time += time.time() - pause
+            if step >= total_steps or summary["stopped"]:
+                break
+    bar.close()
+    metrics_log.close()
+    if summary["stopped"]:
+        log(f"stopped at step {step}; saved to {resume_dir}; continue with --from_resume 1")
+    else:
+        log(f"done: step {step}, weights in {weights_dir}")
+    return {"step": step, **summary, "weights_dir": str(weights_dir)}
