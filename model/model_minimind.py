@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -490,3 +490,9 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         return MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux_loss, logits=logits, cache=cache if use_cache else None
         )
+
+
+# Let the Auto classes open a MiniMind directory (AutoConfig, AutoModelForCausalLM, and AutoTokenizer, which reads
+# config.json to learn the model type), as they open any transformers model.
+AutoConfig.register(MiniMindConfig.model_type, MiniMindConfig)
+AutoModelForCausalLM.register(MiniMindConfig, MiniMindForCausalLM)

@@ -8,7 +8,7 @@ the N assistant positions of a batch (InstructGPT, Ouyang et al. 2022, step 1):
     L = -1/N * sum_{t: x_{t+1} is assistant} log p(x_{t+1} | x_1 .. x_t)
 
 Samples keep their own length; the loop batches samples of similar length together and pads each batch to its
-longest sample. Defaults: dataset/data/sft.jsonl, starting from out/pretrain_<hidden_size>, 3 epochs, peak
+longest sample. Defaults: dataset/data/sft.jsonl, starting from out/pretrain_<hidden_size>, 2 epochs, peak
 learning rate 1e-3 (half of pretraining's: the model already knows the language; large models use far lower
 rates), 16 conversations per step.
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_data_path": str(REPO_ROOT / "dataset" / "data" / "sft_test.jsonl"),
         "from_weight": "pretrain",
         "learning_rate": 1e-3,
-        "epochs": 3,
+        "epochs": 2,
     })
     model, tokenizer = load_model(args)
 

@@ -7,8 +7,8 @@ tokens (GPT-2, Radford et al. 2019). The objective is the mean cross-entropy ove
 
 With --doc_mask 1 a token attends only to earlier tokens of its own document inside a block (block-diagonal
 causal attention), instead of to the end of the previous, unrelated document.
-Defaults: dataset/data/pretrain.jsonl, 2 epochs, peak learning rate 2e-3, 16 blocks of 256 tokens per step
-(about 6 minutes on 2 CPU cores for the default 4.6M-parameter model).
+Defaults: dataset/data/pretrain.jsonl, 1 epoch, peak learning rate 2e-3, 16 blocks of 256 tokens per step
+(3 to 5 minutes on 2 CPU cores for the default 4.6M-parameter model).
 
     python trainer/train_pretrain.py                         # one process: GPU if there is one, else CPU
     torchrun --nproc_per_node 2 trainer/train_pretrain.py    # two processes (two GPUs, or CPU with gloo)
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_data_path": str(REPO_ROOT / "dataset" / "data" / "pretrain_test.jsonl"),
         "from_weight": "none",
         "learning_rate": 2e-3,
-        "epochs": 2,
+        "epochs": 1,
     })
     model, tokenizer = load_model(args)
 
