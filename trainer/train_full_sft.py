@@ -18,10 +18,8 @@ rates), 16 conversations per step.
 Writes out/full_sft_<hidden_size>/ (chat with it: scripts/chat.py) and out/runs/full_sft_<hidden_size>/metrics.jsonl.
 """
 
-import torch.nn.functional as F
-
-from dataset.lm_dataset import IGNORE_INDEX, SFTDataset
-from trainer.trainer_utils import REPO_ROOT, load_model, parse_args, run_main, train
+from dataset.lm_dataset import SFTDataset
+from trainer.trainer_utils import REPO_ROOT, causal_lm_loss, load_model, parse_args, run_main, train
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,20 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataset = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
     eval_dataset = SFTDataset(args.eval_data_path, tokenizer, args.max_seq_len) if args.eval_data_path else None
 
-    # 3. Loss: next-token cross-entropy on the assistant's tokens (+ the router's load-balancing loss for MoE)
-    aux_loss_coef = model.config.router_aux_loss_coef
-
-    def loss_fn(model, batch):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        logits = out.logits[:, :-1]  # (batch, seq - 1, vocab): position t predicts token t + 1
-        targets = batch["labels"][:, 1:]  # (batch, seq - 1), -100 on prompt and padding tokens
-        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        if out.aux_loss is None:
-            return lm_loss, {}
-        return lm_loss + aux_loss_coef * out.aux_loss, {"lm_loss": lm_loss.detach(), "aux_loss": out.aux_loss.detach()}
-
-    # 4. The shared loop: accumulation, clipping, schedule, logging, eval, checkpoints, resume
-    return train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=eval_dataset)
+    # 3. Loss: next-token cross-entropy on the labelled tokens (causal_lm_loss), in the shared loop: accumulation,
+    #    clipping, schedule, logging, eval, checkpoints, resume
+    return train(args, model, tokenizer, train_dataset, causal_lm_loss, eval_dataset=eval_dataset)
 
 
 if __name__ == "__main__":

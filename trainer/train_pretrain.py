@@ -17,10 +17,8 @@ Writes out/pretrain_<hidden_size>/ (the weights; next: trainer/train_full_sft.py
 metrics.jsonl and the resume state checkpoints/pretrain_<hidden_size>_resume/.
 """
 
-import torch.nn.functional as F
-
-from dataset.lm_dataset import IGNORE_INDEX, PretrainDataset
-from trainer.trainer_utils import REPO_ROOT, load_model, parse_args, run_main, train
+from dataset.lm_dataset import PretrainDataset
+from trainer.trainer_utils import REPO_ROOT, causal_lm_loss, load_model, parse_args, run_main, train
 
 
 def add_flags(parser) -> None:
@@ -45,20 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_data_path:
         eval_dataset = PretrainDataset(args.eval_data_path, tokenizer, args.max_seq_len, doc_mask=bool(args.doc_mask))
 
-    # 3. Loss: next-token cross-entropy (+ the router's load-balancing loss for MoE)
-    aux_loss_coef = model.config.router_aux_loss_coef
-
-    def loss_fn(model, batch):
-        out = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"))
-        logits = out.logits[:, :-1]  # (batch, seq - 1, vocab): position t predicts token t + 1
-        targets = batch["labels"][:, 1:]  # (batch, seq - 1)
-        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        if out.aux_loss is None:
-            return lm_loss, {}
-        return lm_loss + aux_loss_coef * out.aux_loss, {"lm_loss": lm_loss.detach(), "aux_loss": out.aux_loss.detach()}
-
-    # 4. The shared loop: accumulation, clipping, schedule, logging, eval, checkpoints, resume
-    return train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=eval_dataset)
+    # 3. Loss: next-token cross-entropy on the labelled tokens (causal_lm_loss), in the shared loop: accumulation,
+    #    clipping, schedule, logging, eval, checkpoints, resume
+    return train(args, model, tokenizer, train_dataset, causal_lm_loss, eval_dataset=eval_dataset)
 
 
 if __name__ == "__main__":

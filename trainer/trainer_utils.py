@@ -24,13 +24,14 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import transformers
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from dataset.lm_dataset import DataFormatError
+from dataset.lm_dataset import IGNORE_INDEX, DataFormatError
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.checkpoint import checkpoint_name, restore_checkpoint, save_checkpoint
 from trainer.distributed import default_device, log, rank_and_world_size, setup_run
@@ -284,6 +285,42 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
     ]
     fused = torch.device(args.device).type == "cuda"
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=fused)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The language-modeling loss
+
+
+def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Next-token cross-entropy over the positions whose label is not -100 (+ the MoE load-balancing loss).
+
+        L = -1/N * sum_{t: labels[t+1] != -100} log p(labels[t+1] | input_ids[..t])
+
+    The objective of pretraining (labels = input_ids) and of supervised fine-tuning (labels only on the
+    assistant's tokens): the stages differ in their data, not in this formula. For MoE the router's
+    load-balancing loss is added with weight config.router_aux_loss_coef (Switch Transformer, Fedus et al. 2022).
+
+    Args:
+        model: MiniMindForCausalLM, possibly wrapped (DDP); called with input_ids and, when the batch has them,
+            attention_mask (padding) and position_ids (packed documents).
+        batch: input_ids and labels (batch, seq) LongTensors, optional attention_mask / position_ids.
+    Returns:
+        (scalar loss, {}) for a dense model; for MoE (lm_loss + coef * aux_loss, {"lm_loss", "aux_loss"}).
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"))
+    logits = out.logits[:, :-1]  # (batch, seq - 1, vocab): position t predicts token t + 1
+    targets = batch["labels"][:, 1:]  # (batch, seq - 1), -100 where there is no loss
+    lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    if out.aux_loss is None:
+        return lm_loss, {}
+    aux_loss_coef = unwrap(model).config.router_aux_loss_coef
+    return lm_loss + aux_loss_coef * out.aux_loss, {"lm_loss": lm_loss.detach(), "aux_loss": out.aux_loss.detach()}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 # ----------------------------------------------------------------------------------------------------------------
