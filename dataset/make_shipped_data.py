@@ -22,6 +22,8 @@ POETRY = "pretrain/chinese_poetry/chinese_poetry_pretrain.jsonl"
 POETRY_TEST = "pretrain/chinese_poetry/chinese_poetry_pretrain_test.jsonl"
 ALPACA_EN = "sft/alpaca_en/alpaca_en_sft.jsonl"
 ALPACA_ZH = "sft/alpaca_zh/alpaca_zh_sft.jsonl"
+LORA_IDENTITY = "sft/minimind_lora_identity/lora_identity.jsonl"
+HH_HARMLESS = "dpo/hh_rlhf_harmless_test/hh_harmless_test_dpo.jsonl"
 
 # How much of each source is shipped (about 2.8 MB English + 0.5 MB Chinese pretraining text).
 NUM_STORIES, NUM_POEMS = 3400, 2200
@@ -29,6 +31,8 @@ NUM_STORIES_TEST, NUM_POEMS_TEST = 109, 70  # all 109 held-out stories; poems in
 NUM_SFT_EN, NUM_SFT_ZH = 3000, 1000
 NUM_SFT_EN_TEST, NUM_SFT_ZH_TEST = 150, 50
 MAX_SFT_CHARS = 600  # a conversation is "short" when all its message contents together have <= 600 characters
+NUM_DPO, NUM_DPO_TEST = 1000, 200
+MAX_DPO_CHARS = 800  # a preference pair is "short" when its prompt and both replies have <= 800 characters
 
 
 def read_lines(path: Path) -> list[str]:
@@ -41,6 +45,13 @@ def short_conversations(lines: list[str]) -> list[str]:
     """The lines whose conversation has at most MAX_SFT_CHARS characters of message content in total."""
     return [line for line in lines
             if sum(len(m["content"]) for m in json.loads(line)["conversations"]) <= MAX_SFT_CHARS]
+
+
+def short_pairs(lines: list[str]) -> list[str]:
+    """The preference pairs whose shared prompt plus both final replies have at most MAX_DPO_CHARS characters."""
+    def size(record: dict) -> int:
+        return sum(len(m["content"]) for m in record["chosen"]) + len(record["rejected"][-1]["content"])
+    return [line for line in lines if size(json.loads(line)) <= MAX_DPO_CHARS]
 
 
 def user_prompt(line: str) -> str:
@@ -98,6 +109,12 @@ def main() -> None:
     test_zh = [line for line in zh[len(zh) // 2:] if user_prompt(line) not in seen][:NUM_SFT_ZH_TEST]
     write_jsonl(args.out_dir / "sft.jsonl", interleave(train_en, train_zh))
     write_jsonl(args.out_dir / "sft_test.jsonl", interleave(test_en, test_zh))
+
+    # LoRA: the whole MiniMind identity set. DPO: the first short HH-RLHF harmless pairs, the next ones held out.
+    write_jsonl(args.out_dir / "lora_identity.jsonl", read_lines(shared / LORA_IDENTITY))
+    pairs = short_pairs(read_lines(shared / HH_HARMLESS))
+    write_jsonl(args.out_dir / "dpo.jsonl", pairs[:NUM_DPO])
+    write_jsonl(args.out_dir / "dpo_test.jsonl", pairs[NUM_DPO:NUM_DPO + NUM_DPO_TEST])
 
 
 if __name__ == "__main__":

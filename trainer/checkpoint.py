@@ -132,8 +132,9 @@ def load_resume_state(
     return state
 
 
-def save_checkpoint(model, tokenizer, optimizer, scaler, state: dict, weights_dir: Path, resume_dir: Path) -> None:
-    """Save the weights dir and the resume state at the current step; every rank calls it, rank 0 writes.
+def save_checkpoint(model, tokenizer, optimizer, scaler, state: dict, weights_dir: Path, resume_dir: Path,
+                    save_weights_fn: Callable = save_weights) -> None:
+    """Save the weights dir (with save_weights_fn) and the resume state; every rank calls it, rank 0 writes.
 
     The resume state also holds every rank's RNG states (gathered here) and the world size.
     """
@@ -144,7 +145,7 @@ def save_checkpoint(model, tokenizer, optimizer, scaler, state: dict, weights_di
         rngs = [None] * world_size
         dist.all_gather_object(rngs, rng_state(device))
     if rank == 0:
-        save_weights(model, tokenizer, weights_dir)
+        save_weights_fn(model, tokenizer, weights_dir)
         save_resume_state(resume_dir, model, optimizer, scaler, {**state, "rng": rngs, "world_size": world_size})
     if world_size > 1:
         dist.barrier()  # no rank runs ahead (or exits) before the files are complete

@@ -17,27 +17,33 @@ from trainer.distributed import rank_and_world_size
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batches: list[list[int]], loss_fn, device: torch.device, autocast) -> dict:
-    """Mean loss_fn loss over `batches` of `dataset` (this rank's share; averaged over ranks) and its perplexity.
+def evaluate(model, dataset, batches: list[list[int]], loss_fn, device: torch.device, autocast,
+             perplexity: bool = True) -> dict:
+    """Mean loss and metrics of loss_fn over `batches` of `dataset` (this rank's share; averaged over ranks).
 
     Perplexity = exp(mean next-token cross-entropy): the `lm_loss` metric when loss_fn reports one (MoE adds
-    the router's balance loss to the loss), else the loss itself.
+    the router's balance loss to the loss), else the loss itself; left out when `perplexity` is False and
+    there is no `lm_loss` (e.g. DPO, whose loss is not a cross-entropy).
     Returns:
-        {"eval_loss": float, "eval_ppl": float}
+        {"eval_loss": float, "eval_<metric>": float for each metric of loss_fn, "eval_ppl": float (see above)}
     """
     model.eval()
-    totals = torch.zeros(3, device=device)  # sum of loss, sum of lm_loss, batch count
+    sums, count = None, 0  # sums of [loss, *metrics] over the batches
     for batch in DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate):
         batch = {key: value.to(device) for key, value in batch.items()}
         with autocast:
             loss, metrics = loss_fn(model, batch)
-        lm_loss = torch.as_tensor(metrics.get("lm_loss", loss), device=device)
-        totals += torch.stack([loss.float(), lm_loss.float(), torch.ones((), device=device)])
+        values = torch.stack([loss.float(), *(torch.as_tensor(v, device=device).float() for v in metrics.values())])
+        sums, count = (values if sums is None else sums + values), count + 1
     model.train()
+    totals = torch.cat([sums, torch.tensor([float(count)], device=device)])
     if rank_and_world_size()[1] > 1:
         dist.all_reduce(totals)
-    loss, lm_loss, count = totals.tolist()
-    return {"eval_loss": loss / count, "eval_ppl": math.exp(lm_loss / count)}
+    means = (totals[:-1] / totals[-1]).tolist()  # sums / number of batches over all ranks
+    result = {"eval_loss": means[0], **{f"eval_{key}": value for key, value in zip(metrics, means[1:])}}
+    if "lm_loss" in metrics or perplexity:
+        result["eval_ppl"] = math.exp(result.get("eval_lm_loss", result["eval_loss"]))
+    return result
 
 
 class MetricsLog:

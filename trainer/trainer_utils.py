@@ -33,7 +33,7 @@ from transformers import AutoTokenizer
 
 from dataset.lm_dataset import IGNORE_INDEX, DataFormatError
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.checkpoint import checkpoint_name, restore_checkpoint, save_checkpoint
+from trainer.checkpoint import checkpoint_name, restore_checkpoint, save_checkpoint, save_weights
 from trainer.distributed import default_device, log, rank_and_world_size, setup_run
 from trainer.monitor import MetricsLog, evaluate, stop_on_signal
 
@@ -143,22 +143,41 @@ def run_main(main: Callable[[], object]) -> None:
 # Loading a model
 
 
-def resolve_weight_dir(args) -> Path:
-    """The directory --from_weight names: a stage under --save_dir (picked by --hidden_size, --use_moe) or a path.
+def resolve_weight_dir(weight: str, save_dir: str, hidden_size: int, use_moe: bool, flag: str = "--from_weight") -> Path:
+    """The checkpoint directory `weight` names: a stage under save_dir (picked by hidden_size, use_moe) or a path.
 
+    Args:
+        weight: a stage name such as "pretrain" (-> <save_dir>/pretrain_<hidden_size>[_moe]) or a directory.
+        flag: the flag that gave `weight`, for the error message.
     Raises:
         SystemExit: when no checkpoint (config.json) is there.
     """
-    stage_dir = Path(args.save_dir) / checkpoint_name(args.from_weight, args.hidden_size, args.use_moe)
-    directory = stage_dir if stage_dir.is_dir() else Path(args.from_weight)
-    if not directory.is_dir() and os.sep in args.from_weight:
-        raise SystemExit(f"--from_weight {args.from_weight}: no such directory")
+    stage_dir = Path(save_dir) / checkpoint_name(weight, hidden_size, use_moe)
+    directory = stage_dir if stage_dir.is_dir() else Path(weight)
+    if not directory.is_dir() and os.sep in weight:
+        raise SystemExit(f"{flag} {weight}: no such directory")
     if not directory.is_dir():
-        raise SystemExit(f"--from_weight {args.from_weight}: no checkpoint at {stage_dir}; "
-                         f"run trainer/train_{args.from_weight}.py first or pass a directory")
+        raise SystemExit(f"{flag} {weight}: no checkpoint at {stage_dir}; "
+                         f"run trainer/train_{weight}.py first or pass a directory")
     if not (directory / "config.json").is_file():
-        raise SystemExit(f"--from_weight {args.from_weight}: {directory} has no config.json; not a checkpoint")
+        raise SystemExit(f"{flag} {weight}: {directory} has no config.json; not a checkpoint")
     return directory
+
+
+def load_pretrained(directory: Path, flag: str = "--from_weight") -> MiniMindForCausalLM:
+    """Load a checkpoint directory's model strictly, in float32 (the master weights).
+
+    Raises:
+        SystemExit: when a weight is missing, unexpected or of the wrong shape (never a silent re-init).
+    """
+    # ignore_mismatched_sizes only makes transformers report a wrong shape instead of raising: we raise below
+    model, info = MiniMindForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True,
+                                                      ignore_mismatched_sizes=True)
+    problems = "; ".join(f"{kind.removesuffix('_keys')}: {', '.join(sorted(map(str, keys)))}"
+                         for kind, keys in info.items() if keys)
+    if problems:
+        raise SystemExit(f"{flag}: the weights in {directory} do not fit ({problems})")
+    return model
 
 
 def load_model(args) -> tuple[MiniMindForCausalLM, transformers.PreTrainedTokenizerBase]:
@@ -167,14 +186,16 @@ def load_model(args) -> tuple[MiniMindForCausalLM, transformers.PreTrainedTokeni
     A checkpoint directory brings its own tokenizer files; a fresh model uses --tokenizer_path.
     `--from_weight none` builds a fresh MiniMindForCausalLM from the shape flags, with vocab_size and the
     pad/bos/eos ids taken from the tokenizer. Otherwise the checkpoint's own config.json decides the shape and
-    the weights load strictly: a missing, unexpected or mismatched tensor is an error, never a silent re-init.
-    The model stays in float32 (the master weights); `train` runs the forward pass under autocast.
+    the weights load strictly (load_pretrained). The model stays in float32 (the master weights); `train` runs
+    the forward pass under autocast.
 
     Raises:
         SystemExit: no tokenizer, unknown --from_weight, weights that do not fit, a tokenizer larger than the
             model's vocabulary.
     """
-    directory = None if args.from_weight == "none" else resolve_weight_dir(args)
+    directory = None
+    if args.from_weight != "none":
+        directory = resolve_weight_dir(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)
     # a checkpoint carries the tokenizer it was trained with; a fresh model takes --tokenizer_path
     tokenizer_dir = directory if directory and (directory / "tokenizer_config.json").is_file() else args.tokenizer_path
     if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
@@ -193,22 +214,21 @@ def load_model(args) -> tuple[MiniMindForCausalLM, transformers.PreTrainedTokeni
             raise SystemExit(f"model shape flags: {error}") from None
         model = MiniMindForCausalLM(config)
     else:
-        # ignore_mismatched_sizes only makes transformers report a wrong shape instead of raising: we raise below
-        model, info = MiniMindForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True,
-                                                          ignore_mismatched_sizes=True)
-        problems = "; ".join(f"{kind.removesuffix('_keys')}: {', '.join(sorted(map(str, keys)))}"
-                             for kind, keys in info.items() if keys)
-        if problems:
-            raise SystemExit(f"--from_weight {args.from_weight}: the weights in {directory} do not fit ({problems})")
+        model = load_pretrained(directory)
     if len(tokenizer) > model.config.vocab_size:
         raise SystemExit(
             f"--tokenizer_path {args.tokenizer_path} has {len(tokenizer)} tokens but the model's vocabulary has "
             f"{model.config.vocab_size}; use the tokenizer the checkpoint was trained with"
         )
+    log_parameter_counts(model)
+    return model, tokenizer
+
+
+def log_parameter_counts(model: torch.nn.Module) -> None:
+    """Print the total and the trainable parameter counts (rank 0)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")
-    return model, tokenizer
+    log(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable ({100 * trainable / total:.2f}%)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,7 +378,8 @@ def optimizer_step(model, data, num_micro: int, loss_fn, optimizer, scaler, auto
     return loss_sum / num_micro, {key: value / num_micro for key, value in metric_sums.items()}, tokens, grad_norm
 
 
-def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None) -> dict:
+def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eval_perplexity: bool = True,
+          save_weights_fn: Callable = save_weights) -> dict:
     """Train `model` by minimizing `loss_fn` over `train_dataset`; log, evaluate, save, and resume with --from_resume.
 
     Args:
@@ -367,9 +388,14 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None) -> 
             `lengths` (token count per sample, used to batch samples of similar length together).
         loss_fn: function(model, batch) -> (scalar loss tensor, {metric name: scalar}); `batch` is the collated dict
             on the device. Metrics are averaged like the loss and logged; an `lm_loss` metric feeds the perplexity.
+        eval_perplexity: report exp(eval loss) as perplexity when loss_fn has no `lm_loss` metric (False for
+            losses that are not a cross-entropy, such as DPO's).
+        save_weights_fn: function(model, tokenizer, directory) writing the weights directory atomically;
+            LoRA passes one that writes only the adapter.
     Returns:
         {"step": final optimizer step, "loss": last logged loss, "eval_loss": last eval loss or None,
-         "weights_dir": where the weights were saved, "stopped": True when a signal ended the run early}
+         "eval": the last eval's figures or None, "weights_dir": where the weights were saved,
+         "stopped": True when a signal ended the run early}
     """
     rank, world_size = rank_and_world_size()
     device = torch.device(args.device)
@@ -406,7 +432,7 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None) -> 
     log(f"{name}: {len(train_dataset)} samples, {steps_per_epoch} steps per epoch, {total_steps} steps of "
         f"{args.batch_size * args.accumulation_steps * world_size} samples, {world_size} process(es), {device}, "
         f"{args.dtype}")
-    step, summary = state["step"], {"loss": None, "eval_loss": None, "stopped": False}
+    step, summary = state["step"], {"loss": None, "eval_loss": None, "eval": None, "stopped": False}
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
     clock = time.time() - state["elapsed_s"]  # elapsed_s continues across resumes
     log_tokens, log_time = 0, time.time()
@@ -449,12 +475,14 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None) -> 
                                        **dict(zip(metrics, metric_values))})
                 pause = time.time()  # eval and saving do not count against tokens/s
                 if eval_dataset is not None and (step % args.eval_interval == 0 or step == total_steps):
-                    result = evaluate(model, eval_dataset, eval_batches, loss_fn, device, autocast)
-                    summary["eval_loss"] = result["eval_loss"]
-                    log(f"step {step}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
+                    result = evaluate(model, eval_dataset, eval_batches, loss_fn, device, autocast, eval_perplexity)
+                    summary["eval_loss"], summary["eval"] = result["eval_loss"], result
+                    log(f"step {step}: " + ", ".join(f"{key.removeprefix('eval_')} {value:.4f}"
+                                                      for key, value in result.items()))
                     metrics_log.write({"step": step, **result})
                 if step % args.save_interval == 0 or step == total_steps or summary["stopped"]:
-                    save_checkpoint(model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir)
+                    save_checkpoint(model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
+                                    save_weights_fn)
                 log_time += time.time() - pause
             if step >= total_steps or summary["stopped"]:
                 break
