@@ -3,6 +3,7 @@
     python scripts/chat.py --model_path out/full_sft_256                  # interactive, multi-turn
     python scripts/chat.py --model_path out/full_sft_256 --prompt "Tell me a story."
     python scripts/chat.py --model_path out/pretrain_256 --raw 1 --prompt "Once upon a time"
+    python scripts/chat.py --model_path out/lora_identity_256 --prompt "Who are you?"   # a LoRA adapter dir
 
 Interactive commands: `/clear` forgets the history, `/exit` (or Ctrl-D) quits. With `--raw 1` the text is
 continued as it is, without the chat template: the way to try a pretrained-only checkpoint.
@@ -16,6 +17,7 @@ from threading import Thread
 import torch
 from transformers import AutoTokenizer, TextIteratorStreamer
 
+from model.model_lora import load_lora, merge_lora, read_adapter_config
 from model.model_minimind import MiniMindForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +27,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", default=str(REPO_ROOT / "out" / "full_sft_256"),
                         help="checkpoint directory written by a training stage (default: %(default)s)")
+    parser.add_argument("--base_model_path", default=None,
+                        help="for a LoRA adapter directory: the base checkpoint (default: the one the adapter "
+                             "was trained on, from its adapter_config.json)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="a user message; repeat the flag for several turns of one conversation; "
                              "without it the chat is interactive")
@@ -53,16 +58,38 @@ def default_device() -> str:
     return "cpu"
 
 
-def load_checkpoint(path: str, device: str):
-    """Load the model and tokenizer of a checkpoint directory. Raises SystemExit with a message if absent."""
+def load_checkpoint(path: str, device: str, base_model_path: str | None = None):
+    """Load the model and tokenizer of a checkpoint directory, or of a LoRA adapter directory on its base model.
+
+    An adapter (adapter_config.json) is put on its base model and merged into it, so generation runs at the
+    base model's speed. Raises SystemExit with a message when there is no checkpoint or the adapter does not fit.
+    """
     directory = Path(path)
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    adapter = None
+    if (directory / "adapter_config.json").is_file():
+        try:
+            adapter = read_adapter_config(directory)
+        except ValueError as error:
+            raise SystemExit(f"error: --model_path {path}: {error}") from None
+        base = base_model_path or adapter.get("base_model_name_or_path")
+        if not base or not (Path(base) / "config.json").is_file():
+            raise SystemExit(f"error: the LoRA adapter in {path} names base model {base!r}, which is not a "
+                             "checkpoint directory here; pass --base_model_path")
+        directory = Path(base)
     if not (directory / "config.json").is_file():
         raise SystemExit(f"error: --model_path {path}: no checkpoint there (config.json missing); "
                          "train one first, e.g. python trainer/train_full_sft.py")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = MiniMindForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
-    return model, tokenizer
+    tokenizer_dir = path if (Path(path) / "tokenizer_config.json").is_file() else directory
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = MiniMindForCausalLM.from_pretrained(directory)
+    if adapter is not None:
+        try:
+            load_lora(model, path)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+        merge_lora(model)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 def stream_reply(model, tokenizer, text: str, args) -> str:
@@ -118,7 +145,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = load_checkpoint(args.model_path, args.device or default_device())
+    model, tokenizer = load_checkpoint(args.model_path, args.device or default_device(), args.base_model_path)
     history: list[dict] = []
     for message in user_messages(args):
         if message == "/clear":
