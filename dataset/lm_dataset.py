@@ -11,6 +11,8 @@ Formats (one JSON object per line; blank lines are ignored):
                   "tools": [...]}            optional JSON schemas of the functions the assistant may call
                  an assistant message may carry "reasoning_content" (rendered as <think>...</think>) and
                  "tool_calls": [{"name": ..., "arguments": {...}}] (OpenAI style {"function": {...}} also works)
+    DPO          {"chosen": [messages], "rejected": [messages]}   two conversations in the SFT message format that
+                 share every message but the last one, the assistant reply preferred (chosen) or not (rejected)
 """
 
 import json
@@ -107,25 +109,44 @@ def check_sft_record(record: dict) -> None:
     """
     if "conversations" not in record:
         raise DataFormatError(f'missing key "conversations" (keys: {sorted(record)})')
-    messages = record["conversations"]
-    if not isinstance(messages, list) or not messages:
-        raise DataFormatError('"conversations" must be a non-empty list of {"role", "content"} objects')
     tools = record.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise DataFormatError('"tools" must be a list of objects (JSON schemas of functions)')
+    check_conversation(record["conversations"], "conversations")
+
+
+def check_conversation(messages: object, key: str) -> None:
+    """Check the message list under `key` of a record (see check_sft_record); errors name `key`."""
+    if not isinstance(messages, list) or not messages:
+        raise DataFormatError(f'"{key}" must be a non-empty list of {{"role", "content"}} objects')
     previous = None
     for i, message in enumerate(messages):
-        kind = check_message(message, f"conversations[{i}]")
+        kind = check_message(message, f"{key}[{i}]")
         if previous not in ALLOWED_PREVIOUS[kind]:
             after = {None: "the start", "tool_calls": "an assistant message with tool_calls"}.get(
                 previous, f"a {previous!r} message")
             raise DataFormatError(
-                f"conversations[{i}]: a {message['role']!r} message cannot follow {after}; expected an optional "
+                f"{key}[{i}]: a {message['role']!r} message cannot follow {after}; expected an optional "
                 "system message, then user/assistant turns alternating (tool messages only after an assistant "
                 "message with tool_calls)")
         previous = kind
     if previous not in ("assistant", "tool_calls"):
-        raise DataFormatError(f"conversations must end with an assistant message, not a {previous!r} message")
+        raise DataFormatError(f"{key} must end with an assistant message, not a {previous!r} message")
+
+
+def check_dpo_record(record: dict) -> None:
+    """A DPO line holds two conversations, "chosen" and "rejected", each valid as in check_sft_record, that
+    differ only in their last message: the same prompt, two assistant replies to it."""
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise DataFormatError(f'missing key "{key}" (keys: {sorted(record)})')
+        check_conversation(record[key], key)
+    chosen_prompt, rejected_prompt = record["chosen"][:-1], record["rejected"][:-1]
+    if chosen_prompt != rejected_prompt:
+        first = next((i for i, (a, b) in enumerate(zip(chosen_prompt, rejected_prompt)) if a != b),
+                     min(len(chosen_prompt), len(rejected_prompt)))
+        raise DataFormatError(f"chosen and rejected prompts differ (first difference at message {first}); both "
+                              "must hold the same messages and differ only in the final assistant reply")
 
 
 def check_message(message: object, where: str) -> str:
@@ -336,3 +357,90 @@ class SFTDataset(Dataset):
         """Right-pad to the longest sample: input_ids with the pad token, labels with IGNORE_INDEX,
         plus attention_mask when lengths differ."""
         return pad_collate(items, self.pad_token_id)
+
+
+def split_prompt_and_reply(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Tokens of a conversation's prompt and of its final assistant reply, as a model generating the reply sees them.
+
+    The prompt is every message but the last, rendered with the chat template and followed by the assistant header
+    (add_generation_prompt): the context after which the model starts to write. The reply is the rest of the
+    rendering up to and including its closing <|im_end|> (the eos token; what follows it is template layout),
+    tokenized on its own, as trl's DPOTrainer does, so that two replies to one prompt share the prompt's tokens
+    exactly even where the first characters of a reply would merge with the header into one token.
+
+    Returns:
+        (prompt_ids, reply_ids); prompt_ids + reply_ids is the sequence the reply is scored on.
+    Raises:
+        ValueError when the template renders the prompt differently as part of the whole conversation.
+    """
+    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template renders the prompt differently when the reply follows it")
+    reply_end = full_text.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(full_text[len(prompt_text):reply_end], add_special_tokens=False)["input_ids"]
+    return prompt_ids, reply_ids
+
+
+class DPODataset(Dataset):
+    """Preference pairs for DPO: one prompt, a chosen and a rejected reply, loss on the reply tokens only.
+
+    Each side is the shared prompt's tokens followed by its reply's tokens (split_prompt_and_reply); labels are
+    IGNORE_INDEX on the prompt and the token ids on the reply (its content and closing <|im_end|>), so a model's
+    log-probability of the reply given the prompt is the sum over the labelled positions.
+
+    Truncation to max_seq_len keeps the replies, which the loss compares: a reply longer than max_seq_len - 1
+    tokens is cut on the right, then the prompt is cut on the left to what the longer reply leaves, the same cut
+    for both sides, so chosen and rejected are scored in the same context (at least the prompt's last token,
+    which predicts the reply's first).
+
+    Args:
+        data_path: jsonl of {"chosen": [messages], "rejected": [messages]} lines (see check_dpo_record).
+        tokenizer: a Hugging Face tokenizer with the ChatML template of trainer/train_tokenizer.py.
+        max_seq_len: most tokens of each side (>= 2).
+    Items: {"chosen_input_ids", "chosen_labels": (Lc,), "rejected_input_ids", "rejected_labels": (Lr,)} with
+        Lc, Lr <= max_seq_len; both sides start with the same prompt tokens.
+    Raises:
+        DataFormatError for a bad file or line, e.g. a pair whose chosen and rejected prompts differ.
+    """
+
+    def __init__(self, data_path: str | Path, tokenizer, max_seq_len: int):
+        if max_seq_len < 2:
+            raise ValueError(f"max_seq_len={max_seq_len}: a DPO sample needs a prompt token and a reply token")
+        read_jsonl(data_path, check_dpo_record)
+        self.pad_token_id = tokenizer.pad_token_id
+
+        def tokenize(batch):
+            out = {f"{side}_{key}": [] for side in ("chosen", "rejected") for key in ("input_ids", "labels")}
+            for line in batch["text"]:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                prompt_ids, chosen_ids = split_prompt_and_reply(tokenizer, record["chosen"])
+                rejected_ids = split_prompt_and_reply(tokenizer, record["rejected"])[1]
+                chosen_ids, rejected_ids = chosen_ids[:max_seq_len - 1], rejected_ids[:max_seq_len - 1]
+                prompt_ids = prompt_ids[-(max_seq_len - max(len(chosen_ids), len(rejected_ids))):]
+                for side, reply_ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+                    out[f"{side}_input_ids"].append(prompt_ids + reply_ids)
+                    out[f"{side}_labels"].append([IGNORE_INDEX] * len(prompt_ids) + reply_ids)
+            return out
+
+        # as in SFTDataset: lines are parsed here, not by the "json" loader, which would merge all records' schemas
+        lines = load_dataset("text", data_files=str(data_path), split="train")
+        pairs = lines.map(tokenize, batched=True, remove_columns=["text"], desc="applying chat template")
+        self.lengths = [max(len(c), len(r)) for c, r in zip(pairs["chosen_input_ids"], pairs["rejected_input_ids"])]
+        self.pairs = pairs.with_format("torch")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.pairs[index]
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One batch of 2B rows, the B chosen sides then the B rejected ones, right-padded to one length (see
+        pad_collate), so a single forward pass scores both: rows i and B + i are the two replies of pair i."""
+        rows = [{"input_ids": item[f"{side}_input_ids"], "labels": item[f"{side}_labels"]}
+                for side in ("chosen", "rejected") for item in items]
+        return pad_collate(rows, self.pad_token_id)
