@@ -369,4 +369,4 @@ def test_dpo_needs_a_checkpoint_to_start_from(tmp_path, sft_save_dir, flags, mes
 def test_beta_must_be_positive(tmp_path, sft_save_dir, capsys):
     with pytest.raises(SystemExit):
         train_dpo.main([*dpo_argv(tmp_path, sft_save_dir), "--beta", "0"])
-    assert "--beta: must be > 0" in capsys.readouterr().err
+    assert "--beta: must be a finite number > 0" in capsys.readouterr().err

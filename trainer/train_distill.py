@@ -42,7 +42,6 @@ Writes out/distill_<hidden_size>/ (chat with it: scripts/chat.py) and out/runs/d
 """
 
 import argparse
-import math
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +49,8 @@ from transformers import AutoTokenizer
 
 from dataset.lm_dataset import IGNORE_INDEX, SFTDataset
 from trainer.distributed import log
-from trainer.trainer_utils import (REPO_ROOT, causal_lm_loss, load_model, load_pretrained, parse_args,
-                                   positive_int, resolve_weight_dir, run_main, train, unwrap)
+from trainer.trainer_utils import (REPO_ROOT, causal_lm_loss, fraction, load_model, load_pretrained, parse_args,
+                                   positive_float, positive_int, resolve_weight_dir, run_main, train, unwrap)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Flags
@@ -73,22 +72,6 @@ def distill_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=positive_float, default=2.0,
                        help="softmax temperature T > 0 of teacher and student in the KL term (1: the models' own "
                             "distributions; higher: softer)")
-
-
-def fraction(text: str) -> float:
-    """argparse type: a float in [0, 1]."""
-    value = float(text)
-    if not 0.0 <= value <= 1.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    value = float(text)
-    if not (value > 0.0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------

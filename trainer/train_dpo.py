@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import IGNORE_INDEX, DPODataset
-from trainer.trainer_utils import (REPO_ROOT, load_model, load_pretrained, parse_args, resolve_weight_dir, run_main,
-                                   train, unwrap)
+from trainer.trainer_utils import (REPO_ROOT, load_model, load_pretrained, parse_args, positive_float,
+                                   resolve_weight_dir, run_main, train, unwrap)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -117,14 +117,6 @@ def add_dpo_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--beta", type=positive_float, default=0.1,
                        help="strength of the pull toward the reference (--from_weight) model; the paper uses 0.1 "
                             "to 0.5")
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a float > 0."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict:

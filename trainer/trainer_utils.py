@@ -124,6 +124,22 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = float(text)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point
 
