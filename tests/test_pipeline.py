@@ -1,11 +1,14 @@
 """The whole path a user walks, through the real scripts and the real shipped data, on tiny settings:
-train a tokenizer -> pretrain -> SFT from the pretrain weights (--from_weight pretrain) -> chat."""
+train a tokenizer -> pretrain -> SFT from the pretrain weights (--from_weight pretrain) -> chat, then from the
+SFT weights (--from_weight full_sft): LoRA -> chat with the adapter, DPO, and distillation into a smaller student."""
 
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT / "dataset" / "data"
@@ -67,3 +70,30 @@ def test_tokenizer_pretrain_sft_chat_through_the_real_scripts(tmp_path):
     assert reply.count("assistant: ") == 2  # two turns of one conversation
     answers = [line.split("assistant: ", 1)[1] for line in reply.splitlines() if line.startswith("assistant: ")]
     assert all(answer.strip() for answer in answers)
+
+    # post-training, each stage from the SFT checkpoint
+    lora = head(DATA / "lora_identity.jsonl", tmp_path / "lora_identity.jsonl", 24)
+    dpo = head(DATA / "dpo.jsonl", tmp_path / "dpo.jsonl", 24)
+    dpo_test = head(DATA / "dpo_test.jsonl", tmp_path / "dpo_test.jsonl", 8)
+    run(str(REPO_ROOT / "trainer" / "train_lora.py"), *common, "--from_weight", "full_sft", "--data_path", str(lora),
+        "--max_steps", "4", "--merge", "1", cwd=elsewhere)
+    adapter = out / "lora_identity_64"
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+    assert (out / "lora_identity_merged_64" / "model.safetensors").is_file()
+    reply = run(str(REPO_ROOT / "scripts" / "chat.py"), "--model_path", str(adapter), "--prompt", "Who are you?",
+                "--max_new_tokens", "8", "--seed", "0", "--device", "cpu", cwd=elsewhere)
+    assert reply.count("assistant: ") == 1
+
+    run(str(REPO_ROOT / "trainer" / "train_dpo.py"), *common, "--from_weight", "full_sft", "--data_path", str(dpo),
+        "--eval_data_path", str(dpo_test), "--max_steps", "4", "--eval_interval", "4", cwd=elsewhere)
+    dpo_metrics = read_metrics(out / "runs" / "dpo_64" / "metrics.jsonl")
+    assert dpo_metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
+    assert any("eval_reward_accuracy" in m for m in dpo_metrics)
+    assert (out / "dpo_64" / "model.safetensors").is_file()
+
+    run(str(REPO_ROOT / "trainer" / "train_distill.py"), *common, "--teacher_weight", "full_sft",
+        "--teacher_hidden_size", "64", "--hidden_size", "32", "--data_path", str(sft), "--eval_data_path",
+        str(sft_test), "--max_steps", "4", cwd=elsewhere)
+    student = json.loads((out / "distill_32" / "config.json").read_text())
+    assert student["hidden_size"] == 32
+    assert all(m["kl_loss"] >= 0 for m in read_metrics(out / "runs" / "distill_32" / "metrics.jsonl") if "kl_loss" in m)
