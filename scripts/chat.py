@@ -15,10 +15,9 @@ from pathlib import Path
 from threading import Thread
 
 import torch
-from transformers import AutoTokenizer, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 
-from model.model_lora import load_lora, merge_lora, read_adapter_config
-from model.model_minimind import MiniMindForCausalLM
+from model.loading import load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,40 +55,6 @@ def default_device() -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
-
-
-def load_checkpoint(path: str, device: str, base_model_path: str | None = None):
-    """Load the model and tokenizer of a checkpoint directory, or of a LoRA adapter directory on its base model.
-
-    An adapter (adapter_config.json) is put on its base model and merged into it, so generation runs at the
-    base model's speed. Raises SystemExit with a message when there is no checkpoint or the adapter does not fit.
-    """
-    directory = Path(path)
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    adapter = None
-    if (directory / "adapter_config.json").is_file():
-        try:
-            adapter = read_adapter_config(directory)
-        except ValueError as error:
-            raise SystemExit(f"error: --model_path {path}: {error}") from None
-        base = base_model_path or adapter.get("base_model_name_or_path")
-        if not base or not (Path(base) / "config.json").is_file():
-            raise SystemExit(f"error: the LoRA adapter in {path} names base model {base!r}, which is not a "
-                             "checkpoint directory here; pass --base_model_path")
-        directory = Path(base)
-    if not (directory / "config.json").is_file():
-        raise SystemExit(f"error: --model_path {path}: no checkpoint there (config.json missing); "
-                         "train one first, e.g. python trainer/train_full_sft.py")
-    tokenizer_dir = path if (Path(path) / "tokenizer_config.json").is_file() else directory
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = MiniMindForCausalLM.from_pretrained(directory)
-    if adapter is not None:
-        try:
-            load_lora(model, path)
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
-        merge_lora(model)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 def stream_reply(model, tokenizer, text: str, args) -> str:
