@@ -12,8 +12,18 @@ from model.model_lora import load_lora, merge_lora, read_adapter_config
 from model.model_minimind import MiniMindForCausalLM
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu", base_model_path: str | None = None):
-    """Load a checkpoint directory for inference (chat, eval): its model, in eval mode on `device`, and tokenizer.
+def default_device() -> str:
+    """cuda if a GPU is visible, else mps (Apple silicon), else cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_checkpoint(path: str | Path, device: str | None = None, base_model_path: str | None = None):
+    """Load a checkpoint directory for inference (chat, eval): its model, in eval mode on `device`
+    (default: default_device()), and its tokenizer.
 
     A LoRA adapter directory (adapter_config.json) is put on its base model (the one named in the adapter's
     config, or base_model_path) and merged into it, so it runs at the base model's speed. The model runs in
@@ -24,7 +34,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", base_model_path: str 
     Raises:
         SystemExit: with a one-line message when there is no checkpoint or the adapter does not fit its base.
     """
-    path = str(path)
+    path, device = str(path), device or default_device()
     directory = Path(path)
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     adapter = None

@@ -49,14 +49,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def stream_reply(model, tokenizer, text: str, args) -> str:
     """Generate a continuation of `text`, print it as it streams, and return it."""
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
@@ -110,7 +102,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = load_checkpoint(args.model_path, args.device or default_device(), args.base_model_path)
+    model, tokenizer = load_checkpoint(args.model_path, args.device, args.base_model_path)
     history: list[dict] = []
     for message in user_messages(args):
         if message == "/clear":

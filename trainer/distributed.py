@@ -13,15 +13,6 @@ import transformers
 from tqdm import tqdm
 
 
-def default_device() -> str:
-    """cuda if a GPU is visible, else mps (Apple silicon), else cpu."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def resolve_dtype(name: str, device: str) -> str:
     """The autocast dtype for --dtype `name`: auto picks what the device runs fast.
 

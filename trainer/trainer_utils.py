@@ -32,9 +32,10 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from dataset.lm_dataset import IGNORE_INDEX, DataFormatError
+from model.loading import default_device
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.checkpoint import checkpoint_name, restore_checkpoint, save_checkpoint, save_weights
-from trainer.distributed import default_device, log, rank_and_world_size, setup_run
+from trainer.distributed import log, rank_and_world_size, setup_run
 from trainer.monitor import MetricsLog, evaluate, stop_on_signal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
