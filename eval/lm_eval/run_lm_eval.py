@@ -1,0 +1,50 @@
+r"""Run lm-evaluation-harness on a MiniMind checkpoint: `lm_eval --model hf`, with MiniMind known to transformers.
+
+    python eval/lm_eval/run_lm_eval.py --model_args pretrained=out/full_sft_256 --tasks arc_easy_local --limit 50
+    python eval/lm_eval/run_lm_eval.py --model_args pretrained=out/full_sft_256 --tasks arc_easy_local \
+        --metadata data_file=path/to/arc.jsonl --batch_size 8 --output_path out/lm_eval
+
+The flags are lm_eval's own (`lm_eval run --help` lists them: --tasks, --limit, --num_fewshot, --batch_size,
+--device, --output_path, --log_samples, ...); this script passes them to lm_eval's command line after two steps:
+1. it imports model.model_minimind, which registers MiniMindConfig / MiniMindForCausalLM with transformers'
+   AutoConfig / AutoModelForCausalLM, so the harness's `hf` model opens a checkpoint whose config.json says
+   model_type "minimind" (plain `lm_eval` stops there: transformers does not know that model type);
+2. it adds `--model hf` and `--include_path eval/lm_eval` (the offline tasks of this folder, e.g.
+   arc_easy_local.yaml) unless the command line names its own.
+To score a checkpoint with plain `lm_eval` instead (e.g. next to a published model, with nothing of this
+repository imported), export it as Qwen3 with eval/lm_eval/export_qwen3.py.
+"""
+
+import sys
+from pathlib import Path
+
+import model.model_minimind  # noqa: F401  (registers the MiniMind classes with the transformers Auto classes)
+
+TASKS_DIR = Path(__file__).resolve().parent  # the local task YAMLs
+
+
+def lm_eval_argv(argv: list[str]) -> list[str]:
+    """The lm_eval command line for `argv`: argv plus `--model hf` and `--include_path <this folder>` if absent."""
+    def has(*flags: str) -> bool:
+        return any(arg == flag or arg.startswith(flag + "=") for arg in argv for flag in flags)
+
+    return [*([] if has("--model", "-M") else ["--model", "hf"]), *argv,
+            *([] if has("--include_path") else ["--include_path", str(TASKS_DIR)])]
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        from lm_eval.__main__ import cli_evaluate  # an optional dependency: the `lm_eval` extra
+    except ImportError:
+        raise SystemExit('error: this script needs lm-evaluation-harness: pip install -e ".[lm_eval]"') from None
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        argv = ["--help"]
+    # lm_eval's command line reads sys.argv (versions with subcommands put `run` in front of these flags)
+    sys.argv = ["lm_eval", *lm_eval_argv(argv)]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
