@@ -249,22 +249,3 @@ def test_sft_trains_from_the_pretrain_checkpoint(data, pretrained, tmp_path):
     assert (pretrained / "full_sft_64" / "model.safetensors").is_file()
     # the shape came from the pretrain checkpoint (2 layers), not from the flags' default (8 layers)
     assert json.loads((pretrained / "full_sft_64" / "config.json").read_text())["num_hidden_layers"] == 2
-
-
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(data, tmp_path):
-    # 2 ranks x 2 accumulated micro-batches of 1 block read the same 4 blocks per step as 1 process x 4 blocks
-    argv = pretrain_argv(data, tmp_path / "ddp", "--max_steps", "3", "--batch_size", "1", "--accumulation_steps", "2",
-                         "--eval_data_path", "")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "trainer/train_pretrain.py", *argv],
-                            capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "ddp" / "out" / "pretrain_64" / "model.safetensors").is_file()
-    state = torch.load(tmp_path / "ddp" / "checkpoints" / "pretrain_64_resume" / "trainer_state.pt", weights_only=True)
-    assert state["world_size"] == 2 and len(state["rng"]) == 2
-
-    single = train_pretrain.main(pretrain_argv(data, tmp_path / "single", "--max_steps", "3", "--eval_data_path", ""))
-    assert single["step"] == 3
-    ddp_losses = train_losses(tmp_path / "ddp" / "out")
-    assert all(math.isfinite(loss) for loss in ddp_losses.values())
-    assert ddp_losses == pytest.approx(train_losses(tmp_path / "single" / "out"), rel=1e-5)

@@ -1,33 +1,40 @@
-"""Checkpoints on disk: the weights directory of a stage and the resume state of a run.
+"""Checkpoints on disk: the weights directory of a stage and the resume states of a run.
 
 Two kinds (DESIGN.md, "Checkpoints"):
 
 - weights: `<save_dir>/<save_weight>_<hidden_size>[_moe]/`, a Hugging Face directory (config.json,
   model.safetensors, generation_config.json, tokenizer files). `--from_weight`, chat, eval and convert open it
-  with `from_pretrained`; it knows its own config.
-- resume state: `<checkpoint_dir>/<save_weight>_<hidden_size>[_moe]_resume/`: the weights again (safetensors)
-  plus `trainer_state.pt` (optimizer, grad scaler, step, epoch, position in the epoch, RNG states, world size,
-  wandb run id), so that `--from_resume 1` continues exactly where a run stopped.
+  with `from_pretrained`; it knows its own config. Under FSDP the shards are gathered into it by rank 0.
+- resume states: `<checkpoint_dir>/<save_weight>_<hidden_size>[_moe]_resume/step_<step>/`, the last
+  `--keep_last` of them. Each holds the model and AdamW state as a `torch.distributed.checkpoint` (DCP) directory,
+  keyed by parameter name, so the same state resumes under one process, DDP or FSDP and with another number of
+  processes (DCP reshards on load), plus `trainer_state.pt` (step, epoch, position in the epoch, tokens seen,
+  grad scaler, every rank's RNG states, world size, wandb run id). `--from_resume 1` continues from the newest.
 
-Both are written to `<dir>.tmp-<pid>` and then renamed into place, so a kill during a save leaves the previous
-checkpoint as it was, never a half-written one. `trainer_state.pt` holds only tensors and plain Python values
-and is read with `torch.load(..., weights_only=True)`, which never unpickles code.
+Every directory is written under a temporary name and renamed into place in one step, so a kill at any moment
+(during a save included) leaves the previous checkpoints as they were, never a half-written one; temporary
+leftovers of a killed save are removed by the next save. `trainer_state.pt` holds only tensors and plain Python
+values and is read with `torch.load(..., weights_only=True)`, which never unpickles code.
 """
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
-import safetensors.torch
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import FSDPModule
 
-from trainer.distributed import log, rank_and_world_size
+from trainer.distributed import is_sharded, log, rank_and_world_size
 
 RESUME_STATE_FILE = "trainer_state.pt"
-RESUME_WEIGHTS_FILE = "model.safetensors"
+STEP_DIR = re.compile(r"step_(\d+)")  # a complete resume state; temporary names have a suffix
 
 
 def checkpoint_name(save_weight: str, hidden_size: int, use_moe: bool) -> str:
@@ -39,12 +46,18 @@ def write_dir_atomically(directory: Path, write: Callable[[Path], None]) -> None
     """Call `write(tmp)` to fill a fresh `<directory>.tmp-<pid>`, then put it in place of `directory`.
 
     An existing `directory` is renamed aside (`<directory>.old-<pid>`) and deleted only after the new one is in
-    place, so at every moment a complete checkpoint is on disk.
+    place, so at every moment a complete checkpoint is on disk (under one of the two names). A save killed
+    between the two renames is repaired by the next one, which first moves the set-aside directory back.
     """
     directory = Path(directory)
+    leftovers = sorted(directory.parent.glob(f"{directory.name}.old-*")) + sorted(
+        directory.parent.glob(f"{directory.name}.tmp-*"))
+    if not directory.exists() and leftovers and ".old-" in leftovers[0].name:
+        leftovers.pop(0).rename(directory)
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         write(tmp)
@@ -83,83 +96,120 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_resume_state(
-    directory: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    state: dict,
-) -> None:
-    """Write the resume state: the model's weights and `trainer_state.pt` = `state` + optimizer + scaler.
+def resume_states(resume_dir: Path) -> list[Path]:
+    """The complete resume states under `resume_dir` (`step_<n>` directories), oldest first."""
+    found = [(int(m.group(1)), path) for path in Path(resume_dir).glob("step_*")
+             if (m := STEP_DIR.fullmatch(path.name)) and path.is_dir()]
+    return [path for _, path in sorted(found)]
 
+
+def save_resume_state(resume_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler, state: dict, keep_last: int) -> None:
+    """Write `resume_dir/step_<state["step"]>/` (DCP model + optimizer, trainer_state.pt); keep the last `keep_last`.
+
+    Every rank calls it (DCP writes each rank's shards in parallel; unsharded tensors are written once).
+    The directory is filled under `step_<n>.tmp` and renamed by rank 0 after every rank has finished.
     Args:
-        model: the unwrapped model (not the DDP wrapper), so parameter names carry no `module.` prefix.
+        model: the model with its names as the weights dir has them (not a DDP wrapper); FSDP-sharded or not.
         state: plain values and tensors only (step, epoch, batch position, RNG states, ...).
     """
+    rank, world_size = rank_and_world_size()
+    final = Path(resume_dir) / f"step_{state['step']:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        for leftover in Path(resume_dir).glob("step_*.tmp"):  # of a save that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if world_size > 1:
+        dist.barrier()  # the directory exists before any rank writes into it
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    if rank == 0:
+        torch.save({**state, "scaler": scaler.state_dict()}, tmp / RESUME_STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a resume
+        tmp.rename(final)
+        for stale in resume_states(resume_dir)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
+    if world_size > 1:
+        dist.barrier()  # no rank runs ahead (or exits) before the files are complete
 
-    def write(tmp: Path) -> None:
-        safetensors.torch.save_model(model, str(tmp / RESUME_WEIGHTS_FILE))  # handles the tied embedding/head
-        trainer_state = {**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-        torch.save(trainer_state, tmp / RESUME_STATE_FILE)
 
-    write_dir_atomically(directory, write)
-
-
-def load_resume_state(
-    directory: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-) -> dict:
+def load_resume_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler) -> dict:
     """Load what `save_resume_state` wrote into `model`, `optimizer` and `scaler`; return the rest of the state.
 
     Raises:
-        SystemExit: when the saved weights do not fit the model (a different --hidden_size, --use_moe, ...).
+        SystemExit: when the saved weights do not fit the model (a different --hidden_size, --use_moe, LoRA...).
     """
     directory = Path(directory)
-    try:
-        safetensors.torch.load_model(model, str(directory / RESUME_WEIGHTS_FILE), strict=True)
-    except RuntimeError as error:
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    saved_shapes = {key.removeprefix("model."): tuple(meta.size) for key, meta in saved.items()
+                    if key.startswith("model.") and hasattr(meta, "size")}
+    shapes = {key: tuple(value.shape) for key, value in model_state.items()}
+    if saved_shapes != shapes:
+        difference = sorted(set(saved_shapes.items()) ^ set(shapes.items()))[0][0]
         raise SystemExit(
-            f"--from_resume 1: the state in {directory} does not fit this model ({str(error).splitlines()[0]}); "
-            "pass the flags of the interrupted run or delete that directory"
-        ) from None
+            f"--from_resume 1: the state in {directory} does not fit this model (first difference: {difference}: "
+            f"saved {saved_shapes.get(difference)}, model {shapes.get(difference)}); pass the flags of the "
+            "interrupted run or delete that directory")
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
     state = torch.load(directory / RESUME_STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state.pop("optimizer"))
     scaler_state = state.pop("scaler")
     if scaler_state:  # empty when the interrupted run did not use float16
         scaler.load_state_dict(scaler_state)
     return state
 
 
+def save_full_weights(model: torch.nn.Module, tokenizer, directory: Path, save_weights_fn: Callable) -> None:
+    """Every rank calls it; rank 0 writes the weights dir with `save_weights_fn(model, tokenizer, directory)`.
+
+    Under FSDP each rank holds a shard of every weight: they are first gathered (on the CPU, into rank 0) and
+    loaded into an unsharded copy of the model, which is what gets saved.
+    """
+    rank = rank_and_world_size()[0]
+    if is_sharded(model):
+        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            # fully_shard gave the model a subclass of (FSDPModule, its class): build one of its plain class
+            plain_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+            copy = plain_class(model.config)
+            copy.load_state_dict(full_state)
+            save_weights_fn(copy, tokenizer, directory)
+    elif rank == 0:
+        save_weights_fn(model, tokenizer, directory)
+
+
 def save_checkpoint(model, tokenizer, optimizer, scaler, state: dict, weights_dir: Path, resume_dir: Path,
-                    save_weights_fn: Callable = save_weights) -> None:
-    """Save the weights dir (with save_weights_fn) and the resume state; every rank calls it, rank 0 writes.
+                    save_weights_fn: Callable = save_weights, keep_last: int = 2) -> None:
+    """Save the weights dir (with save_weights_fn) and a resume state; every rank calls it.
 
     The resume state also holds every rank's RNG states (gathered here) and the world size.
     """
-    rank, world_size = rank_and_world_size()
+    world_size = rank_and_world_size()[1]
     device = next(model.parameters()).device
     rngs = [rng_state(device)]
     if world_size > 1:
         rngs = [None] * world_size
         dist.all_gather_object(rngs, rng_state(device))
-    if rank == 0:
-        save_weights_fn(model, tokenizer, weights_dir)
-        save_resume_state(resume_dir, model, optimizer, scaler, {**state, "rng": rngs, "world_size": world_size})
-    if world_size > 1:
-        dist.barrier()  # no rank runs ahead (or exits) before the files are complete
+    save_full_weights(model, tokenizer, weights_dir, save_weights_fn)
+    save_resume_state(resume_dir, model, optimizer, scaler, {**state, "rng": rngs, "world_size": world_size},
+                      keep_last)
 
 
-def restore_checkpoint(resume_dir: Path, model, optimizer, scaler) -> dict:
-    """Load the resume state `save_checkpoint` wrote into model, optimizer and scaler; return the loop's state.
+def restore_checkpoint(resume_dir: Path, model, optimizer, scaler) -> dict | None:
+    """Load the newest resume state under `resume_dir` into model, optimizer and scaler; return the loop's state.
 
-    With the same number of processes each rank gets its RNG states back, so the run continues exactly. With a
-    different number the position in the epoch is converted to cover the same global batches (rank r reads
-    batches r, r + world_size, ...), and the RNG streams restart from the seed.
+    None when there is none yet. With the same number of processes each rank gets its RNG states back, so the
+    run continues exactly. With a different number the position in the epoch is converted to cover the same
+    global batches (rank r reads batches r, r + world_size, ...), and the RNG streams restart from the seed.
     """
+    states = resume_states(resume_dir)
+    if not states:
+        return None
     rank, world_size = rank_and_world_size()
-    state = load_resume_state(resume_dir, model, optimizer, scaler)
+    state = load_resume_state(states[-1], model, optimizer, scaler)
     rngs, saved_world_size = state.pop("rng"), state.pop("world_size")
     if saved_world_size == world_size:
         set_rng_state(rngs[rank], next(model.parameters()).device)
@@ -167,4 +217,5 @@ def restore_checkpoint(resume_dir: Path, model, optimizer, scaler) -> dict:
         state["batch_in_epoch"] = -(-state["batch_in_epoch"] * saved_world_size // world_size)  # ceil
         log(f"the interrupted run had {saved_world_size} processes and this one {world_size}: "
             "it continues at the same place in the data, with fresh random number streams")
+    log(f"resumed from {states[-1]} at step {state['step']}")
     return state

@@ -1,15 +1,22 @@
-"""Where a run computes: device, autocast dtype, the torchrun process group, seeds, and rank-0 output.
+"""Where a run computes: device, autocast dtype, the torchrun process group, seeds, how the model is spread over
+the processes (DDP or FSDP), and rank-0 output.
 
-`parse_args` in `trainer/trainer_utils.py` calls `setup_run` once; the rest of the trainer asks
-`rank_and_world_size()` and prints through `log`.
+`parse_args` in `trainer/trainer_utils.py` calls `setup_run` once and `train` calls `parallelize`; the rest of the
+trainer asks `rank_and_world_size()` and prints through `log`. The model itself knows nothing of ranks: the
+engines are applied to it from outside, as torchtitan does.
 """
 
 import os
 import random
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import transformers
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 
@@ -67,3 +74,65 @@ def log(message: str) -> None:
     """Print one line from rank 0 only, without breaking the progress bar."""
     if rank_and_world_size()[0] == 0:
         tqdm.write(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Spreading the model over the processes
+
+
+def parallelize(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
+    """Wrap `model` for --parallel `parallel` when more than one process runs; return what the loop calls.
+
+    - ddp: DistributedDataParallel (Li et al. 2020): every rank holds the whole model and optimizer; gradients
+      are averaged across ranks by an all-reduce during backward.
+    - fsdp: FSDP2 `fully_shard` (Zhao et al. 2023, PyTorch FSDP): each decoder layer, then the rest (embedding,
+      final norm, tied head), is sharded over the ranks; parameters are all-gathered for a layer's forward and
+      backward, gradients are reduce-scattered, so each rank keeps 1/world_size of the weights, gradients and
+      AdamW state. `fully_shard` changes `model` in place, so the returned module is `model` itself.
+
+    Under plain `python` (one process) the model is returned as it is.
+    """
+    if rank_and_world_size()[1] == 1:
+        return model
+    if parallel == "fsdp":
+        # ranks initialized their weights from different seeds (seed + rank); start all from rank 0's, as DDP does
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    # MoE experts may get no token in a step: then DDP must expect unused parameters
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=model.config.use_moe)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when `model` was sharded by FSDP (its weights are DTensors spread over the ranks)."""
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Within it, backward synchronizes gradients across ranks only if `enabled`.
+
+    Gradient accumulation sums the micro-batches' gradients locally and syncs once, on the last micro-batch:
+    DDP's `no_sync`, FSDP2's `set_requires_gradient_sync(False)`.
+    """
+    if enabled or rank_and_world_size()[1] == 1:
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of `value` (a DTensor under FSDP, e.g. the gradient norm, is gathered)."""
+    return value.full_tensor() if isinstance(value, DTensor) else value

@@ -35,7 +35,7 @@ from dataset.lm_dataset import IGNORE_INDEX, DataFormatError
 from model.loading import default_device
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.checkpoint import checkpoint_name, restore_checkpoint, save_checkpoint, save_weights
-from trainer.distributed import log, rank_and_world_size, setup_run
+from trainer.distributed import full_tensor, gradient_sync, log, parallelize, rank_and_world_size, setup_run
 from trainer.monitor import MetricsLog, evaluate, stop_on_signal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,9 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
     paths.add_argument("--save_weight", default=stage, help="saved as <save_weight>_<hidden_size>[_moe]")
     paths.add_argument("--from_weight", default="none", help="none | a stage name under --save_dir | a directory")
     paths.add_argument("--from_resume", type=int, choices=(0, 1), default=0, help="1: continue the interrupted run")
+    paths.add_argument("--keep_last", type=positive_int, default=2, help="resume states kept (newest first)")
+    paths.add_argument("--skip_bad_lines", type=int, choices=(0, 1), default=0,
+                       help="1: skip (and count) invalid data lines instead of stopping at the first one")
     paths.add_argument("--tokenizer_path", default=str(REPO_ROOT / "model" / "tokenizer"), help="tokenizer dir")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--epochs", type=positive_int, default=1, help="passes over the training data")
@@ -81,6 +84,9 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
     run.add_argument("--device", default=default_device(), help="cuda | mps | cpu (first available)")
     run.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                      help="autocast dtype; auto: bfloat16 on CUDA that has it, float16 on older CUDA, else float32")
+    run.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
+                     help="under torchrun: ddp replicates the model on every process, fsdp shards weights, "
+                          "gradients and optimizer state over them")
     run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (0: main process)")
     run.add_argument("--seed", type=int, default=42, help="seed of the initialization and the data order")
     run.add_argument("--log_interval", type=positive_int, default=10, help="optimizer steps between log lines")
@@ -356,7 +362,7 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    """The model inside a DistributedDataParallel wrapper (or the model itself; FSDP shards it in place)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -368,9 +374,12 @@ def optimizer_step(model, data, num_micro: int, loss_fn, optimizer, scaler, auto
     """One optimizer step over the next `num_micro` micro-batches of `data`: accumulate, clip, step.
 
     Each micro-batch's loss is divided by num_micro, so the summed gradients are those of the mean loss. Under
-    DDP the gradient all-reduce runs only on the last micro-batch's backward (`no_sync` on the others).
+    DDP or FSDP the gradients are synchronized across ranks only on the last micro-batch's backward.
+    A gradient norm that is NaN or inf (a NaN loss, an overflow) skips the update, so the weights stay the last
+    good ones; the norm is the same on every rank (the gradients are synchronized), so all ranks agree.
     Returns:
-        (mean loss over the micro-batches, {metric: mean}, non-padding input tokens, gradient norm before clipping)
+        (mean loss over the micro-batches, {metric: mean}, non-padding input tokens, gradient norm before clipping,
+         whether the update was applied)
     """
     device = torch.device(args.device)
     loss_sum, metric_sums, tokens = torch.zeros((), device=device), {}, 0
@@ -379,7 +388,7 @@ def optimizer_step(model, data, num_micro: int, loss_fn, optimizer, scaler, auto
         tokens += count_tokens(batch)
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         last = i == num_micro - 1
-        with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
+        with gradient_sync(model, enabled=last):
             with autocast:
                 loss, metrics = loss_fn(model, batch)
             scaler.scale(loss / num_micro).backward()
@@ -388,11 +397,33 @@ def optimizer_step(model, data, num_micro: int, loss_fn, optimizer, scaler, auto
             metric_sums[key] = metric_sums.get(key, 0.0) + torch.as_tensor(value, device=device).detach().float()
     scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    scaler.step(optimizer)  # skipped by the scaler when float16 gradients overflowed
-    scaler.update()
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    # float16: the scaler skips overflowed steps and lowers its scale, as designed; otherwise a non-finite norm
+    # is a diverged run (one host sync per step, as the loss check already costs)
+    applied = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+    if applied:
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / num_micro, {key: value / num_micro for key, value in metric_sums.items()}, tokens, grad_norm
+    return (loss_sum / num_micro, {key: value / num_micro for key, value in metric_sums.items()}, tokens, grad_norm,
+            applied)
+
+
+def stop_on_divergence(args, model, tokenizer, optimizer, scaler, state: dict, weights_dir: Path, resume_dir: Path,
+                       save_weights_fn: Callable, loss: float, grad_norm: float) -> None:
+    """Save the last good state (the update that diverged was not applied) and end the run with advice.
+
+    Raises:
+        SystemExit: always, naming the step, the loss and the gradient norm.
+    """
+    step = state["step"] + 1
+    save_checkpoint(model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir, save_weights_fn,
+                    args.keep_last)
+    raise SystemExit(
+        f"step {step}: the loss is {loss} and the gradient norm {grad_norm}; the update was not applied and the "
+        f"last good state (step {state['step']}) is saved in {resume_dir}. Usual causes: a learning rate too high "
+        f"(--learning_rate {args.learning_rate}), float16 overflow (try --dtype bfloat16 or float32), or a bad "
+        "batch; fix it and continue with --from_resume 1")
 
 
 def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eval_perplexity: bool = True,
@@ -427,28 +458,35 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
 
     if eval_dataset is not None:  # a fixed random sample, so evals at different steps are comparable
         eval_batches = epoch_batches(len(eval_dataset), args.batch_size, args.seed, 0,
-                                     getattr(eval_dataset, "lengths", None))[:args.eval_batches][rank::world_size]
+                                     getattr(eval_dataset, "lengths", None))[:args.eval_batches]
+        # every rank evaluates as many batches (FSDP's forward is collective), so the count is cut to a multiple
+        eval_batches = eval_batches[:len(eval_batches) - len(eval_batches) % world_size][rank::world_size]
+        if not eval_batches:
+            raise SystemExit(f"{args.eval_data_path}: fewer held-out batches of --batch_size {args.batch_size} "
+                             f"than the {world_size} processes; lower --batch_size or use more held-out data")
 
-    optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # float16 needs loss scaling
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "elapsed_s": 0.0, "wandb_id": None}
-    resumed = bool(args.from_resume) and resume_dir.is_dir()
-    if resumed:
-        state.update(restore_checkpoint(resume_dir, model, optimizer, scaler))
-        log(f"resumed from {resume_dir} at step {state['step']}")
-    elif args.from_resume:
-        log(f"--from_resume 1: no resume state at {resume_dir} yet, starting at step 0")
-    ddp_model = model
-    if world_size > 1:  # MoE experts may get no token in a step: then DDP must expect unused parameters
-        device_ids = [device.index] if device.type == "cuda" else None
-        ddp_model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=model.config.use_moe)
+    if args.parallel == "fsdp" and save_weights_fn is not save_weights:
+        raise SystemExit("--parallel fsdp saves whole models only; train adapters with --parallel ddp")
+    wrapped = parallelize(model, args.parallel, device)  # FSDP shards `model` in place; DDP wraps it
+    optimizer = build_optimizer(model, args)  # after sharding: FSDP's optimizer holds only this rank's shards
+    resumed = False
+    if args.from_resume:
+        restored = restore_checkpoint(resume_dir, model, optimizer, scaler)
+        resumed = restored is not None
+        if resumed:
+            state.update(restored)
+        else:
+            log(f"--from_resume 1: no resume state in {resume_dir} yet, starting at step 0")
     metrics_log = MetricsLog(Path(args.save_dir) / "runs" / name / "metrics.jsonl", args,
                              state["step"] if resumed else None, state["wandb_id"])
     state["wandb_id"] = metrics_log.wandb_id
 
     log(f"{name}: {len(train_dataset)} samples, {steps_per_epoch} steps per epoch, {total_steps} steps of "
-        f"{args.batch_size * args.accumulation_steps * world_size} samples, {world_size} process(es), {device}, "
-        f"{args.dtype}")
+        f"{args.batch_size * args.accumulation_steps * world_size} samples (effective batch = --batch_size "
+        f"{args.batch_size} x --accumulation_steps {args.accumulation_steps} x {world_size} process(es)"
+        f"{', ' + args.parallel if world_size > 1 else ''}), {device}, {args.dtype}")
     step, summary = state["step"], {"loss": None, "eval_loss": None, "eval": None, "stopped": False}
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
     clock = time.time() - state["elapsed_s"]  # elapsed_s continues across resumes
@@ -464,8 +502,11 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 num_micro = min(args.accumulation_steps, len(batches) - position)
-                loss, metrics, tokens, grad_norm = optimizer_step(
-                    ddp_model, data, num_micro, loss_fn, optimizer, scaler, autocast, args)
+                loss, metrics, tokens, grad_norm, applied = optimizer_step(
+                    wrapped, data, num_micro, loss_fn, optimizer, scaler, autocast, args)
+                if not applied:
+                    stop_on_divergence(args, model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
+                                       save_weights_fn, float(loss), float(grad_norm))
                 position, step = position + num_micro, step + 1
                 # over all ranks: mean loss and metrics, total tokens, and whether any rank was asked to stop
                 totals = torch.stack([loss, *metrics.values(), torch.tensor(float(tokens), device=device),
@@ -474,8 +515,6 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
                     dist.all_reduce(totals)
                 *means, step_tokens, stop = totals.tolist()
                 loss_value, metric_values = means[0] / world_size, [value / world_size for value in means[1:]]
-                if not math.isfinite(loss_value) and not scaler.is_enabled():
-                    raise SystemExit(f"loss is {loss_value} at step {step}; lower --learning_rate or check the data")
                 log_tokens += step_tokens
                 summary["stopped"] = stop > 0
                 state.update(step=step, epoch=epoch, batch_in_epoch=position, elapsed_s=time.time() - clock,
@@ -485,7 +524,8 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
                 if step % args.log_interval == 0 or step == total_steps:
                     tokens_per_s, log_tokens, log_time = log_tokens / (time.time() - log_time), 0, time.time()
                     summary["loss"] = loss_value
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", grad_norm=f"{float(grad_norm):.2f}",
+                                    tok_s=f"{tokens_per_s:,.0f}")
                     metrics_log.write({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
                                        "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
                                        "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed_s"],
@@ -499,7 +539,7 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
                     metrics_log.write({"step": step, **result})
                 if step % args.save_interval == 0 or step == total_steps or summary["stopped"]:
                     save_checkpoint(model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
-                                    save_weights_fn)
+                                    save_weights_fn, args.keep_last)
                 log_time += time.time() - pause
             if step >= total_steps or summary["stopped"]:
                 break
