@@ -1,9 +1,9 @@
 """From jsonl files to training tensors: packed pretraining blocks and chat samples with assistant-only labels.
 
 Every file is validated line by line before anything is tokenized, so a bad line ends in one
-DataFormatError naming "<file>:<line>" instead of a traceback deep inside a data loader. Tokenization runs
-through the `datasets` library (`.map(batched=True)`), whose cache makes the second run on the same file
-and tokenizer instant.
+DataFormatError naming "<file>:<line>" instead of a traceback deep inside a data loader; with
+skip_bad_lines=True (the trainer's --skip_bad_lines 1) bad lines are skipped instead, counted and reported,
+never dropped silently. The valid lines are tokenized through the `datasets` library (`.map(batched=True)`).
 
 Formats (one JSON object per line; blank lines are ignored):
     pretraining  {"text": "..."}
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from datasets import load_dataset
+from datasets import Dataset as HFDataset
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
@@ -49,48 +49,85 @@ class DataFormatError(ValueError):
 # Validation
 
 
-def read_jsonl(path: str | Path, check_record: Callable[[dict], None]) -> list[dict]:
+def read_jsonl(path: str | Path, check_record: Callable[[dict], None], skip_bad_lines: bool = False) -> list[dict]:
     """Parse and validate every line of a jsonl file.
 
     Args:
         path: the jsonl file.
         check_record: raises DataFormatError (without location) when a parsed line is not a valid record,
             e.g. check_pretrain_record or check_sft_record.
+        skip_bad_lines: skip invalid lines (counted and logged by file:line) instead of raising at the first.
     Returns:
-        the records, in file order (blank lines skipped).
+        the valid records, in file order (blank lines skipped).
     Raises:
         DataFormatError naming the file (and the 1-based line) for a missing file, a directory, an empty
-        file, a line that is not UTF-8, not JSON, not a JSON object, or rejected by check_record.
+        file, a line that is not UTF-8, not JSON, not a JSON object, or rejected by check_record; with
+        skip_bad_lines, only for an unusable file or one without a single valid line.
     """
+    return [record for _, _, record in read_jsonl_lines(path, check_record, skip_bad_lines)]
+
+
+def read_jsonl_lines(path: str | Path, check_record: Callable[[dict], None],
+                     skip_bad_lines: bool = False) -> list[tuple[int, str, dict]]:
+    """Like read_jsonl, with each valid record's 1-based line number and raw text: [(line_no, line, record)]."""
     path = Path(path)
     if not path.exists():
         raise DataFormatError(f"{path}: no such file")
     if path.is_dir():
         raise DataFormatError(f"{path}: is a directory; expected a .jsonl file")
-    records = []
+    valid, skipped = [], []
     with open(path, "rb") as f:
         for line_no, raw_line in enumerate(f, start=1):
-            where = f"{path}:{line_no}"
             try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataFormatError(f"{where}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataFormatError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            try:
-                check_record(record)
+                line = parse_line(raw_line, check_record)
             except DataFormatError as error:
-                raise DataFormatError(f"{where}: {error}") from None
-            records.append(record)
-    if not records:
-        raise DataFormatError(f"{path}: the file is empty; expected one JSON object per line")
-    return records
+                if not skip_bad_lines:
+                    raise DataFormatError(f"{path}:{line_no}: {error}") from None
+                skipped.append(f"{path}:{line_no}: {error}")
+                continue
+            if line is not None:
+                valid.append((line_no, *line))
+    if skipped:
+        report_skipped(path, skipped, len(valid) + len(skipped), "bad lines")
+    if not valid:
+        what = "no valid line" if skipped else "the file is empty"
+        raise DataFormatError(f"{path}: {what}; expected one JSON object per line")
+    return valid
+
+
+def parse_line(raw_line: bytes, check_record: Callable[[dict], None]) -> tuple[str, dict] | None:
+    """(text, record) of one jsonl line; None for a blank line. Raises DataFormatError (without location)."""
+    try:
+        line = raw_line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataFormatError(f"not UTF-8 text (byte {error.object[error.start]:#x} at column "
+                              f"{error.start + 1})") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataFormatError(f"invalid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise DataFormatError(f"expected a JSON object, got {type(record).__name__}")
+    check_record(record)
+    return line, record
+
+
+def report_skipped(path: Path, messages: list[str], total: int, what: str) -> None:
+    """Log how many of `total` records of `path` were skipped, and the first few reasons (file:line: why)."""
+    shown = "\n  ".join(messages[:5]) + (f"\n  ... and {len(messages) - 5} more" if len(messages) > 5 else "")
+    logger.warning("%s: skipped %d of %d %s (--skip_bad_lines 1):\n  %s", path, len(messages), total, what, shown)
+
+
+def lines_dataset(path: str | Path, check_record: Callable[[dict], None], skip_bad_lines: bool) -> HFDataset:
+    """The valid lines of a jsonl file as a `datasets.Dataset` with columns "line_no" (1-based) and "json".
+
+    The raw JSON text is kept, not the parsed records: a dataset built from dicts gets one Arrow schema for all
+    records, which would merge the keys of every tool call's arguments and fill the missing ones with null.
+    """
+    rows = read_jsonl_lines(path, check_record, skip_bad_lines)
+    return HFDataset.from_dict({"line_no": [line_no for line_no, _, _ in rows], "json": [line for _, line, _ in rows]})
 
 
 def check_pretrain_record(record: dict) -> None:
@@ -242,22 +279,25 @@ class PretrainDataset(Dataset):
         tokenizer: a Hugging Face tokenizer with the <|endoftext|> token.
         max_seq_len: block length in tokens.
         doc_mask: also return position_ids restarting at every document (see document_position_ids).
+        skip_bad_lines: skip (and report) invalid lines instead of raising at the first.
     Items: {"input_ids": (max_seq_len,), "labels": (max_seq_len,)[, "position_ids": (max_seq_len,)]}.
     Raises:
         DataFormatError for a bad file or line, or a file with fewer than max_seq_len tokens.
     """
 
-    def __init__(self, data_path: str | Path, tokenizer, max_seq_len: int, doc_mask: bool = False):
-        read_jsonl(data_path, check_pretrain_record)
+    def __init__(self, data_path: str | Path, tokenizer, max_seq_len: int, doc_mask: bool = False,
+                 skip_bad_lines: bool = False):
         separator_id = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
         if separator_id is None:
             raise ValueError(f"the tokenizer has no {DOCUMENT_SEPARATOR} token to separate documents")
 
         def tokenize(batch):
-            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            texts = [json.loads(line)["text"] for line in batch["json"]]
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
             return {"input_ids": [doc + [separator_id] for doc in ids]}
 
-        documents = load_dataset("json", data_files=str(data_path), split="train")
+        # documents longer than max_seq_len are not an error: they continue into the next blocks
+        documents = lines_dataset(data_path, check_pretrain_record, skip_bad_lines)
         documents = documents.map(tokenize, batched=True, remove_columns=documents.column_names,
                                   desc="tokenizing documents")
         stream = torch.cat(list(documents.with_format("torch")["input_ids"]))  # (total_tokens,)
@@ -282,6 +322,14 @@ class PretrainDataset(Dataset):
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Stack blocks (all max_seq_len long, so no padding and no attention_mask)."""
         return pad_collate(items, self.pad_token_id)
+
+
+def report_cut(data_path, samples: HFDataset, max_seq_len: int) -> None:
+    """Log how many samples (their "cut" column) were longer than max_seq_len and cut, naming the first one."""
+    cut = [line_no for line_no, was_cut in zip(samples["line_no"], samples["cut"]) if was_cut]
+    if cut:
+        logger.warning("%s: %d of %d samples are longer than --max_seq_len %d tokens and were cut (first: line %d)",
+                       data_path, len(cut), len(samples), max_seq_len, cut[0])
 
 
 def build_assistant_labels(tokenizer, messages: list[dict], tools: list[dict] | None = None):
@@ -311,39 +359,48 @@ class SFTDataset(Dataset):
     Args:
         data_path: jsonl of {"conversations": [...], "tools"?: [...]} lines (see the module docstring).
         tokenizer: a Hugging Face tokenizer with the ChatML template of trainer/train_tokenizer.py.
-        max_seq_len: samples are cut to this many tokens; a sample left with no assistant token is dropped
-            (the count is logged).
+        max_seq_len: samples are cut to this many tokens (the count of cut samples is logged); a sample whose
+            first assistant token lies beyond max_seq_len would teach nothing: it is an error, or is skipped and
+            counted with skip_bad_lines.
+        skip_bad_lines: skip (and report) invalid lines and such samples instead of raising at the first.
     Items: {"input_ids": (L,), "labels": (L,)} with L <= max_seq_len.
     Raises:
-        DataFormatError for a bad file or line, or when every sample would be dropped.
+        DataFormatError for a bad file or line (file:line), or when no sample is left.
     """
 
-    def __init__(self, data_path: str | Path, tokenizer, max_seq_len: int):
-        num_records = len(read_jsonl(data_path, check_sft_record))
+    def __init__(self, data_path: str | Path, tokenizer, max_seq_len: int, skip_bad_lines: bool = False):
         self.pad_token_id = tokenizer.pad_token_id
 
         def tokenize(batch):
-            out = {"input_ids": [], "labels": []}
-            for line in batch["text"]:
-                if not line.strip():
-                    continue
+            out = {"input_ids": [], "labels": [], "line_no": [], "cut": []}
+            for line_no, line in zip(batch["line_no"], batch["json"]):
                 record = json.loads(line)
                 input_ids, labels = build_assistant_labels(tokenizer, record["conversations"], record.get("tools"))
-                if any(label != IGNORE_INDEX for label in labels[:max_seq_len]):
-                    out["input_ids"].append(input_ids[:max_seq_len])
-                    out["labels"].append(labels[:max_seq_len])
+                if all(label == IGNORE_INDEX for label in labels[:max_seq_len]):
+                    if not skip_bad_lines:
+                        raise DataFormatError(
+                            f"{data_path}:{line_no}: the conversation is {len(input_ids)} tokens long and its first "
+                            f"assistant token comes after --max_seq_len {max_seq_len}; raise --max_seq_len, shorten "
+                            "the prompt, or pass --skip_bad_lines 1 to skip such samples")
+                    input_ids, labels = [], []  # marked for skipping: a map that drops rows cannot report them
+                out["input_ids"].append(input_ids[:max_seq_len])
+                out["labels"].append(labels[:max_seq_len])
+                out["line_no"].append(line_no)
+                out["cut"].append(len(input_ids) > max_seq_len)
             return out
 
-        # Lines are loaded as plain text and parsed here: the "json" loader would give every record one
-        # Arrow schema, merging the keys of all tool-call arguments and filling the missing ones with null.
-        lines = load_dataset("text", data_files=str(data_path), split="train")
-        samples = lines.map(tokenize, batched=True, remove_columns=["text"], desc="applying chat template")
+        lines = lines_dataset(data_path, check_sft_record, skip_bad_lines)
+        samples = lines.map(tokenize, batched=True, remove_columns=lines.column_names, desc="applying chat template")
+        unusable = [line_no for line_no, ids in zip(samples["line_no"], samples["input_ids"]) if not ids]
+        if unusable:
+            report_skipped(Path(data_path), [f"{data_path}:{n}: no assistant token within --max_seq_len "
+                                             f"{max_seq_len}" for n in unusable], len(samples), "conversations")
+            samples = samples.filter(lambda ids: len(ids) > 0, input_columns="input_ids")
         if len(samples) == 0:
             raise DataFormatError(f"{data_path}: no conversation has an assistant token within the first "
-                                  f"max_seq_len={max_seq_len} tokens; use a longer max_seq_len")
-        if len(samples) < num_records:
-            logger.warning("%s: dropped %d of %d conversations with no assistant token in the first %d tokens",
-                           data_path, num_records - len(samples), num_records, max_seq_len)
+                                  f"--max_seq_len {max_seq_len} tokens; use a longer --max_seq_len")
+        report_cut(data_path, samples, max_seq_len)
+        samples = samples.remove_columns(["line_no", "cut"])
         self.lengths = [len(ids) for ids in samples["input_ids"]]
         self.samples = samples.with_format("torch")
 
@@ -398,27 +455,27 @@ class DPODataset(Dataset):
     Args:
         data_path: jsonl of {"chosen": [messages], "rejected": [messages]} lines (see check_dpo_record).
         tokenizer: a Hugging Face tokenizer with the ChatML template of trainer/train_tokenizer.py.
-        max_seq_len: most tokens of each side (>= 2).
+        max_seq_len: most tokens of each side (>= 2); the count of cut pairs is logged.
+        skip_bad_lines: skip (and report) invalid lines instead of raising at the first.
     Items: {"chosen_input_ids", "chosen_labels": (Lc,), "rejected_input_ids", "rejected_labels": (Lr,)} with
         Lc, Lr <= max_seq_len; both sides start with the same prompt tokens.
     Raises:
         DataFormatError for a bad file or line, e.g. a pair whose chosen and rejected prompts differ.
     """
 
-    def __init__(self, data_path: str | Path, tokenizer, max_seq_len: int):
+    def __init__(self, data_path: str | Path, tokenizer, max_seq_len: int, skip_bad_lines: bool = False):
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len={max_seq_len}: a DPO sample needs a prompt token and a reply token")
-        read_jsonl(data_path, check_dpo_record)
         self.pad_token_id = tokenizer.pad_token_id
 
         def tokenize(batch):
             out = {f"{side}_{key}": [] for side in ("chosen", "rejected") for key in ("input_ids", "labels")}
-            for line in batch["text"]:
-                if not line.strip():
-                    continue
+            out.update(line_no=batch["line_no"], cut=[])
+            for line in batch["json"]:
                 record = json.loads(line)
                 prompt_ids, chosen_ids = split_prompt_and_reply(tokenizer, record["chosen"])
                 rejected_ids = split_prompt_and_reply(tokenizer, record["rejected"])[1]
+                out["cut"].append(len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_seq_len)
                 chosen_ids, rejected_ids = chosen_ids[:max_seq_len - 1], rejected_ids[:max_seq_len - 1]
                 prompt_ids = prompt_ids[-(max_seq_len - max(len(chosen_ids), len(rejected_ids))):]
                 for side, reply_ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
@@ -426,9 +483,10 @@ class DPODataset(Dataset):
                     out[f"{side}_labels"].append([IGNORE_INDEX] * len(prompt_ids) + reply_ids)
             return out
 
-        # as in SFTDataset: lines are parsed here, not by the "json" loader, which would merge all records' schemas
-        lines = load_dataset("text", data_files=str(data_path), split="train")
-        pairs = lines.map(tokenize, batched=True, remove_columns=["text"], desc="applying chat template")
+        lines = lines_dataset(data_path, check_dpo_record, skip_bad_lines)
+        pairs = lines.map(tokenize, batched=True, remove_columns=lines.column_names, desc="applying chat template")
+        report_cut(data_path, pairs, max_seq_len)
+        pairs = pairs.remove_columns(["line_no", "cut"])
         self.lengths = [max(len(c), len(r)) for c, r in zip(pairs["chosen_input_ids"], pairs["rejected_input_ids"])]
         self.pairs = pairs.with_format("torch")
 

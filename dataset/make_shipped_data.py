@@ -11,6 +11,7 @@ Provenance and licenses of every source are in dataset/data/ATTRIBUTION.md.
 import argparse
 import json
 import logging
+import re
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,8 @@ NUM_STORIES_TEST, NUM_POEMS_TEST = 109, 70  # all 109 held-out stories; poems in
 NUM_SFT_EN, NUM_SFT_ZH = 3000, 1000
 NUM_SFT_EN_TEST, NUM_SFT_ZH_TEST = 150, 50
 MAX_SFT_CHARS = 600  # a conversation is "short" when all its message contents together have <= 600 characters
+# a run of combining marks ("Zalgo" text): a corrupted record of 600 characters can be 600 tokens and more
+COMBINING_RUN = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]{8,}")
 NUM_DPO, NUM_DPO_TEST = 1000, 200
 MAX_DPO_CHARS = 800  # a preference pair is "short" when its prompt and both replies have <= 800 characters
 
@@ -42,9 +45,12 @@ def read_lines(path: Path) -> list[str]:
 
 
 def short_conversations(lines: list[str]) -> list[str]:
-    """The lines whose conversation has at most MAX_SFT_CHARS characters of message content in total."""
+    """The lines whose conversation has at most MAX_SFT_CHARS characters of message content in total, none of
+    them in a run of combining marks."""
+    def contents(line: str) -> list[str]:
+        return [m["content"] for m in json.loads(line)["conversations"]]
     return [line for line in lines
-            if sum(len(m["content"]) for m in json.loads(line)["conversations"]) <= MAX_SFT_CHARS]
+            if sum(map(len, contents(line))) <= MAX_SFT_CHARS and not any(map(COMBINING_RUN.search, contents(line)))]
 
 
 def short_pairs(lines: list[str]) -> list[str]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from dataset.lm_dataset import (IGNORE_INDEX, DataFormatError, PretrainDataset, SFTDataset, check_pretrain_record,
-                                check_sft_record, document_position_ids, read_jsonl)
+from dataset.lm_dataset import (IGNORE_INDEX, DataFormatError, DPODataset, PretrainDataset, SFTDataset,
+                                check_pretrain_record, check_sft_record, document_position_ids, read_jsonl)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEP = 0  # <|endoftext|>
@@ -123,22 +123,34 @@ def test_sft_labels_reasoning_and_tool_calls_but_not_tool_results(tokenizer, tmp
     assert tokenizer.decode(ds[0]["input_ids"]) == tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
 
 
-def test_sft_truncation_keeps_prefixes_and_drops_samples_without_reply_tokens(tokenizer, tmp_path, caplog):
+def test_sft_truncation_keeps_prefixes_and_reports_the_cut_samples(tokenizer, tmp_path, caplog):
     records = [{"conversations": chat("short question", "short answer")},
-               {"conversations": chat("a very long question " * 20, "never seen")},
                {"conversations": chat("q", "a long answer that will be cut somewhere in the middle " * 5)}]
     path = write_jsonl(tmp_path / "s.jsonl", records)
     full = SFTDataset(path, tokenizer, 4096)
     with caplog.at_level(logging.WARNING, logger="dataset.lm_dataset"):
         cut = SFTDataset(path, tokenizer, 40)
-    assert "dropped 1 of 3 conversations" in caplog.text
+    assert f"{path}: 1 of 2 samples are longer than --max_seq_len 40 tokens and were cut (first: line 2)" in caplog.text
     assert len(cut) == 2 and all(length <= 40 for length in cut.lengths)
-    for kept, original in zip([cut[0], cut[1]], [full[0], full[2]]):
+    for kept, original in zip([cut[0], cut[1]], [full[0], full[1]]):
         n = len(kept["input_ids"])
         assert torch.equal(kept["input_ids"], original["input_ids"][:n])
         assert torch.equal(kept["labels"], original["labels"][:n])
         assert (kept["labels"] != IGNORE_INDEX).any()
     assert cut.lengths == [len(full[0]["input_ids"]), 40]
+
+
+def test_sft_sample_without_reply_within_max_seq_len_is_an_error_or_skipped(tokenizer, tmp_path, caplog):
+    records = [{"conversations": chat("short question", "short answer")},
+               {"conversations": chat("a very long question " * 20, "never seen")}]
+    path = write_jsonl(tmp_path / "s.jsonl", records)
+    with pytest.raises(DataFormatError, match=rf"^{path}:2: the conversation is \d+ tokens long and its first "
+                                              r"assistant token comes after --max_seq_len 40"):
+        SFTDataset(path, tokenizer, 40)
+    with caplog.at_level(logging.WARNING, logger="dataset.lm_dataset"):
+        kept = SFTDataset(path, tokenizer, 40, skip_bad_lines=True)
+    assert len(kept) == 1 and torch.equal(kept[0]["input_ids"], SFTDataset(path, tokenizer, 4096)[0]["input_ids"])
+    assert f"skipped 1 of 2 conversations" in caplog.text and f"{path}:2: no assistant token" in caplog.text
 
 
 def test_sft_collate_right_pads_with_attention_mask(tokenizer, tmp_path):
@@ -216,6 +228,42 @@ def test_unusable_path_is_a_clear_error(tokenizer, tmp_path, kind):
     for make in (lambda: PretrainDataset(path, tokenizer, 8), lambda: SFTDataset(path, tokenizer, 64)):
         with pytest.raises(DataFormatError, match=f"^{path}: {words}"):
             make()
+
+
+@pytest.mark.parametrize("name", BAD_LINES)
+def test_skip_bad_lines_keeps_the_good_lines_and_reports_each_bad_one(tokenizer, tmp_path, caplog, name):
+    kind, content, line, words = BAD_LINES[name]
+    good = PRETRAIN_LINE if kind == "pretrain" else SFT_LINE
+    path = tmp_path / "data.jsonl"
+    content = content.encode() if isinstance(content, str) else content
+    path.write_bytes(content.rstrip(b"\n") + b"\n" + "\n".join([good] * 8).encode() + b"\n")
+    valid_before = sum(1 for raw in content.splitlines()[:line - 1] if raw.strip())  # good lines above the bad one
+    with caplog.at_level(logging.WARNING, logger="dataset.lm_dataset"):
+        records = read_jsonl(path, check_pretrain_record if kind == "pretrain" else check_sft_record,
+                             skip_bad_lines=True)
+        dataset = (PretrainDataset(path, tokenizer, 2, skip_bad_lines=True) if kind == "pretrain"
+                   else SFTDataset(path, tokenizer, 64, skip_bad_lines=True))
+    assert len(records) == valid_before + 8 and len(dataset) > 0
+    assert f"{path}: skipped 1 of {valid_before + 9} bad lines" in caplog.text
+    assert f"{path}:{line}: " in caplog.text and words in caplog.text
+
+
+def test_dpo_skip_bad_lines_reports_the_bad_pair(tokenizer, tmp_path, caplog):
+    pair = {"chosen": chat("q", "good"), "rejected": chat("q", "bad")}
+    path = write_jsonl(tmp_path / "d.jsonl", [pair, {"chosen": chat("q", "good"), "rejected": chat("other", "bad")},
+                                              pair])
+    with pytest.raises(DataFormatError, match=rf"^{path}:2: chosen and rejected prompts differ"):
+        DPODataset(path, tokenizer, 64)
+    with caplog.at_level(logging.WARNING, logger="dataset.lm_dataset"):
+        assert len(DPODataset(path, tokenizer, 64, skip_bad_lines=True)) == 2
+    assert f"{path}: skipped 1 of 3 bad lines" in caplog.text and f"{path}:2: chosen and rejected" in caplog.text
+
+
+def test_a_file_with_only_bad_lines_is_an_error_even_when_skipping(tokenizer, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"txt": 1}\nnot json\n')
+    with pytest.raises(DataFormatError, match=f"^{path}: no valid line"):
+        PretrainDataset(path, tokenizer, 8, skip_bad_lines=True)
 
 
 def test_shipped_data_validates_and_loads(tokenizer):

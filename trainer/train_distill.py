@@ -192,8 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
         log("--alpha 1: cross-entropy only; the teacher is not loaded")
 
     # 2. Dataset: conversations through the chat template, labels -100 outside the assistant's replies
-    train_dataset = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
-    eval_dataset = SFTDataset(args.eval_data_path, tokenizer, args.max_seq_len) if args.eval_data_path else None
+    train_dataset = SFTDataset(args.data_path, tokenizer, args.max_seq_len, args.skip_bad_lines)
+    eval_dataset = (SFTDataset(args.eval_data_path, tokenizer, args.max_seq_len, args.skip_bad_lines)
+                    if args.eval_data_path else None)
 
     # 3. Loss: alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) on the assistant's tokens
     def loss_fn(model, batch):

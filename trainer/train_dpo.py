@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
     reference.requires_grad_(False).eval().to(args.device)
 
     # 3. Dataset: preference pairs through the chat template, labels -100 outside the final replies
-    train_dataset = DPODataset(args.data_path, tokenizer, args.max_seq_len)
-    eval_dataset = DPODataset(args.eval_data_path, tokenizer, args.max_seq_len) if args.eval_data_path else None
+    train_dataset = DPODataset(args.data_path, tokenizer, args.max_seq_len, args.skip_bad_lines)
+    eval_dataset = (DPODataset(args.eval_data_path, tokenizer, args.max_seq_len, args.skip_bad_lines)
+                    if args.eval_data_path else None)
 
     # 4. Loss: eq. 7 of the DPO paper (dpo_batch_loss), in the shared loop: accumulation, clipping, schedule,
     #    logging, eval, checkpoints, resume. The loss is no cross-entropy, so eval reports no perplexity.

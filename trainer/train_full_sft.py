@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_model(args)
 
     # 2. Dataset: conversations through the chat template, labels -100 outside the assistant's replies
-    train_dataset = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
-    eval_dataset = SFTDataset(args.eval_data_path, tokenizer, args.max_seq_len) if args.eval_data_path else None
+    train_dataset = SFTDataset(args.data_path, tokenizer, args.max_seq_len, args.skip_bad_lines)
+    eval_dataset = (SFTDataset(args.eval_data_path, tokenizer, args.max_seq_len, args.skip_bad_lines)
+                    if args.eval_data_path else None)
 
     # 3. Loss: next-token cross-entropy on the labelled tokens (causal_lm_loss), in the shared loop: accumulation,
     #    clipping, schedule, logging, eval, checkpoints, resume

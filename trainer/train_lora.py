@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     log_parameter_counts(model)
 
     # 3. Dataset and loss: SFT's (assistant tokens only)
-    train_dataset = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
-    eval_dataset = SFTDataset(args.eval_data_path, tokenizer, args.max_seq_len) if args.eval_data_path else None
+    train_dataset = SFTDataset(args.data_path, tokenizer, args.max_seq_len, args.skip_bad_lines)
+    eval_dataset = (SFTDataset(args.eval_data_path, tokenizer, args.max_seq_len, args.skip_bad_lines)
+                    if args.eval_data_path else None)
 
     # 4. The shared loop, saving the adapter instead of the whole model
     result = train(args, model, tokenizer, train_dataset, causal_lm_loss, eval_dataset=eval_dataset,

@@ -38,10 +38,12 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_model(args)
 
     # 2. Dataset: documents tokenized, joined with <|endoftext|> and cut into blocks of max_seq_len tokens
-    train_dataset = PretrainDataset(args.data_path, tokenizer, args.max_seq_len, doc_mask=bool(args.doc_mask))
+    train_dataset = PretrainDataset(args.data_path, tokenizer, args.max_seq_len, bool(args.doc_mask),
+                                    bool(args.skip_bad_lines))
     eval_dataset = None
     if args.eval_data_path:
-        eval_dataset = PretrainDataset(args.eval_data_path, tokenizer, args.max_seq_len, doc_mask=bool(args.doc_mask))
+        eval_dataset = PretrainDataset(args.eval_data_path, tokenizer, args.max_seq_len, bool(args.doc_mask),
+                                       bool(args.skip_bad_lines))
 
     # 3. Loss: next-token cross-entropy on the labelled tokens (causal_lm_loss), in the shared loop: accumulation,
     #    clipping, schedule, logging, eval, checkpoints, resume
