@@ -42,7 +42,19 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 # DDP and FSDP
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def has_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+DEEPSPEED = pytest.param("deepspeed", marks=pytest.mark.skipif(
+    not has_deepspeed(), reason='DeepSpeed is not installed (pip install --no-build-isolation -e ".[deepspeed]")'))
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", DEEPSPEED])
 def test_two_processes_match_one_process_with_twice_the_accumulation(data, tmp_path, parallel):
     # 2 ranks x 2 accumulated micro-batches of 1 block read the same 4 blocks per step as 1 process x 4 blocks
     # accumulated 2 x 2: rank r reads batches r, r + 2, ... and the single process reads them in that order
@@ -80,6 +92,23 @@ def test_fsdp_state_resumes_in_one_process(data, tmp_path):
                                                       "--max_steps", "4"))
     assert uninterrupted["step"] == 4
     assert train_losses(tmp_path / "run" / "out") == pytest.approx(train_losses(tmp_path / "ref" / "out"), rel=1e-5)
+
+
+@pytest.mark.skipif(not has_deepspeed(), reason="DeepSpeed is not installed")
+def test_deepspeed_zero3_run_resumes_and_matches_one_process(data, tmp_path):
+    argv = pretrain_argv(data, tmp_path / "run", "--batch_size", "1", "--accumulation_steps", "2",
+                         "--eval_data_path", "", "--max_steps", "4", "--parallel", "deepspeed",
+                         "--deepspeed_config", str(REPO / "trainer" / "ds_config" / "zero3.json"))
+    torchrun(2, [*argv, "--max_steps", "2"])  # the schedule of 2 steps differs only after the warmup: not reached
+    torchrun(2, [*argv, "--from_resume", "1"])
+    reference = train_pretrain.main(pretrain_argv(data, tmp_path / "ref", "--batch_size", "1",
+                                                  "--accumulation_steps", "4", "--eval_data_path", "",
+                                                  "--max_steps", "4"))
+    assert reference["step"] == 4
+    assert train_losses(tmp_path / "run" / "out") == pytest.approx(train_losses(tmp_path / "ref" / "out"), rel=1e-5)
+    got, expected = weights(tmp_path / "run" / "out" / "pretrain_64"), weights(tmp_path / "ref" / "out" /
+                                                                               "pretrain_64")
+    assert all(torch.allclose(got[key], expected[key], atol=1e-5) for key in expected)  # gathered from ZeRO-3
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -31,9 +32,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
-from trainer.distributed import is_sharded, log, rank_and_world_size
+from trainer.distributed import is_deepspeed, is_sharded, log, rank_and_world_size
 
 RESUME_STATE_FILE = "trainer_state.pt"
+DEEPSPEED_TAG = "deepspeed"  # the subdirectory a DeepSpeed engine's resume state is written to
 STEP_DIR = re.compile(r"step_(\d+)")  # a complete resume state; temporary names have a suffix
 
 
@@ -122,8 +124,11 @@ def save_resume_state(resume_dir: Path, model: torch.nn.Module, optimizer: torch
         tmp.mkdir(parents=True)
     if world_size > 1:
         dist.barrier()  # the directory exists before any rank writes into it
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    if is_deepspeed(model):  # DeepSpeed writes its own partitioned format (files per rank) under a subdirectory
+        model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
     if rank == 0:
         torch.save({**state, "scaler": scaler.state_dict()}, tmp / RESUME_STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a resume
@@ -142,6 +147,14 @@ def load_resume_state(directory: Path, model: torch.nn.Module, optimizer: torch.
         SystemExit: when the saved weights do not fit the model (a different --hidden_size, --use_moe, LoRA...).
     """
     directory = Path(directory)
+    if is_deepspeed(model) != (directory / DEEPSPEED_TAG).is_dir():
+        saved_by, now = ("--parallel deepspeed", "another --parallel") if not is_deepspeed(model) else (
+            "--parallel ddp or fsdp", "--parallel deepspeed")
+        raise SystemExit(f"--from_resume 1: {directory} was saved by {saved_by} and cannot resume under {now}; "
+                         "resume with the interrupted run's --parallel, or start from its weights with --from_weight")
+    if is_deepspeed(model):
+        model.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
+        return load_trainer_state(directory, scaler)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
     saved_shapes = {key.removeprefix("model."): tuple(meta.size) for key, meta in saved.items()
@@ -155,7 +168,12 @@ def load_resume_state(directory: Path, model: torch.nn.Module, optimizer: torch.
             "interrupted run or delete that directory")
     dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-    state = torch.load(directory / RESUME_STATE_FILE, map_location="cpu", weights_only=True)
+    return load_trainer_state(directory, scaler)
+
+
+def load_trainer_state(directory: Path, scaler: torch.amp.GradScaler) -> dict:
+    """Read `trainer_state.pt` (plain values and tensors only), restore the scaler, return the loop's state."""
+    state = torch.load(Path(directory) / RESUME_STATE_FILE, map_location="cpu", weights_only=True)
     scaler_state = state.pop("scaler")
     if scaler_state:  # empty when the interrupted run did not use float16
         scaler.load_state_dict(scaler_state)
@@ -166,10 +184,19 @@ def save_full_weights(model: torch.nn.Module, tokenizer, directory: Path, save_w
     """Every rank calls it; rank 0 writes the weights dir with `save_weights_fn(model, tokenizer, directory)`.
 
     Under FSDP each rank holds a shard of every weight: they are first gathered (on the CPU, into rank 0) and
-    loaded into an unsharded copy of the model, which is what gets saved.
+    loaded into an unsharded copy of the model, which is what gets saved. A DeepSpeed engine saves its module
+    (under ZeRO-3 with its weights gathered on every rank for the time of the save).
     """
     rank = rank_and_world_size()[0]
-    if is_sharded(model):
+    if is_deepspeed(model):  # ZeRO-3 partitions the weights: gather them for the time of the save
+        import deepspeed
+        module = model.module
+        whole = (deepspeed.zero.GatheredParameters(list(module.parameters()))
+                 if model.zero_optimization_stage() == 3 else nullcontext())
+        with whole:
+            if rank == 0:
+                save_weights_fn(module, tokenizer, directory)
+    elif is_sharded(model):
         full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             # fully_shard gave the model a subclass of (FSDPModule, its class): build one of its plain class
@@ -209,6 +236,11 @@ def restore_checkpoint(resume_dir: Path, model, optimizer, scaler) -> dict | Non
     if not states:
         return None
     rank, world_size = rank_and_world_size()
+    saved_world_size = torch.load(states[-1] / RESUME_STATE_FILE, weights_only=True)["world_size"]
+    if is_deepspeed(model) and saved_world_size != world_size:
+        raise SystemExit(f"--from_resume 1: {states[-1]} holds DeepSpeed partitions of {saved_world_size} processes, "
+                         f"this run has {world_size}; resume with {saved_world_size}, or use --parallel ddp or fsdp, "
+                         "whose resume states open under any number of processes")
     state = load_resume_state(states[-1], model, optimizer, scaler)
     rngs, saved_world_size = state.pop("rng"), state.pop("world_size")
     if saved_world_size == world_size:

@@ -6,9 +6,12 @@ trainer asks `rank_and_world_size()` and prints through `log`. The model itself 
 engines are applied to it from outside, as torchtitan does.
 """
 
+import json
 import os
 import random
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -90,9 +93,9 @@ def parallelize(model: torch.nn.Module, parallel: str, device: torch.device) -> 
       backward, gradients are reduce-scattered, so each rank keeps 1/world_size of the weights, gradients and
       AdamW state. `fully_shard` changes `model` in place, so the returned module is `model` itself.
 
-    Under plain `python` (one process) the model is returned as it is.
+    Under plain `python` (one process), and for deepspeed (see deepspeed_engine), the model is returned as it is.
     """
-    if rank_and_world_size()[1] == 1:
+    if rank_and_world_size()[1] == 1 or parallel == "deepspeed":  # DeepSpeed wraps model and optimizer together
         return model
     if parallel == "fsdp":
         # ranks initialized their weights from different seeds (seed + rank); start all from rank 0's, as DDP does
@@ -120,7 +123,7 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
     Gradient accumulation sums the micro-batches' gradients locally and syncs once, on the last micro-batch:
     DDP's `no_sync`, FSDP2's `set_requires_gradient_sync(False)`.
     """
-    if enabled or rank_and_world_size()[1] == 1:
+    if enabled or rank_and_world_size()[1] == 1 or is_deepspeed(model):  # DeepSpeed: its engine.step syncs
         yield
     elif isinstance(model, DistributedDataParallel):
         with model.no_sync():
@@ -136,3 +139,47 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """A plain tensor of `value` (a DTensor under FSDP, e.g. the gradient norm, is gathered)."""
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO (optional: pip install -e ".[deepspeed]")
+
+
+def is_deepspeed(model) -> bool:
+    """True when `model` is a DeepSpeed engine (deepspeed is imported only when --parallel deepspeed asked for it)."""
+    deepspeed = sys.modules.get("deepspeed")
+    return deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine)
+
+
+def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, args):
+    """Wrap model and AdamW in a DeepSpeed ZeRO engine (Rajbhandari et al. 2020) configured by --deepspeed_config.
+
+    ZeRO stage 2 partitions gradients and optimizer state over the ranks, stage 3 the weights too. The shipped
+    JSON (trainer/ds_config/zero2.json, zero3.json) sets only the ZeRO options; the batch, clipping and precision
+    come from the shared flags, so a run means the same with every --parallel. Gradient accumulation stays ours
+    (`managed_gradient_accumulation: false`): each `engine.step()` is one optimizer step over the micro-batches
+    whose losses were backpropagated since the last one, as many as the loop decides (fewer at an epoch's end).
+    Returns:
+        (engine, its optimizer): call the engine like the model; `engine.backward(loss)` then `engine.step()`.
+    Raises:
+        SystemExit: when deepspeed is not installed or the config file is missing or not JSON.
+    """
+    try:
+        import deepspeed
+    except ImportError:
+        raise SystemExit('--parallel deepspeed needs DeepSpeed: pip install --no-build-isolation -e ".[deepspeed]"')
+    path = Path(args.deepspeed_config)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"--deepspeed_config {path}: {error}") from None
+    config.update(
+        train_micro_batch_size_per_gpu=args.batch_size,
+        gradient_accumulation_steps=args.accumulation_steps,
+        managed_gradient_accumulation=False,
+        gradient_clipping=args.grad_clip,
+        bf16={"enabled": args.dtype == "bfloat16"},
+        fp16={"enabled": args.dtype == "float16"},
+    )
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, optimizer

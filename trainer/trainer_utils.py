@@ -35,7 +35,8 @@ from dataset.lm_dataset import IGNORE_INDEX, DataFormatError
 from model.loading import default_device
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.checkpoint import checkpoint_name, restore_checkpoint, save_checkpoint, save_weights
-from trainer.distributed import full_tensor, gradient_sync, log, parallelize, rank_and_world_size, setup_run
+from trainer.distributed import (deepspeed_engine, full_tensor, gradient_sync, is_deepspeed, log, parallelize,
+                                 rank_and_world_size, setup_run)
 from trainer.monitor import MetricsLog, evaluate, stop_on_signal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,9 +85,12 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
     run.add_argument("--device", default=default_device(), help="cuda | mps | cpu (first available)")
     run.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                      help="autocast dtype; auto: bfloat16 on CUDA that has it, float16 on older CUDA, else float32")
-    run.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
+    run.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp", "deepspeed"),
                      help="under torchrun: ddp replicates the model on every process, fsdp shards weights, "
-                          "gradients and optimizer state over them")
+                          "gradients and optimizer state over them, deepspeed runs DeepSpeed ZeRO")
+    run.add_argument("--deepspeed_config", default=str(REPO_ROOT / "trainer" / "ds_config" / "zero2.json"),
+                     help="DeepSpeed JSON (ZeRO options; batch, clipping, dtype come from the flags); zero3.json "
+                          "shards the weights too")
     run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (0: main process)")
     run.add_argument("--seed", type=int, default=42, help="seed of the initialization and the data order")
     run.add_argument("--log_interval", type=positive_int, default=10, help="optimizer steps between log lines")
@@ -363,7 +367,7 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DistributedDataParallel wrapper (or the model itself; FSDP shards it in place)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    return model.module if isinstance(model, DistributedDataParallel) or is_deepspeed(model) else model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,10 +395,15 @@ def optimizer_step(model, data, num_micro: int, loss_fn, optimizer, scaler, auto
         with gradient_sync(model, enabled=last):
             with autocast:
                 loss, metrics = loss_fn(model, batch)
-            scaler.scale(loss / num_micro).backward()
+            if is_deepspeed(model):  # the engine scales float16 losses itself
+                model.backward(loss / num_micro, scale_wrt_gas=False)
+            else:
+                scaler.scale(loss / num_micro).backward()
         loss_sum += loss.detach().float()
         for key, value in metrics.items():
             metric_sums[key] = metric_sums.get(key, 0.0) + torch.as_tensor(value, device=device).detach().float()
+    if is_deepspeed(model):
+        return deepspeed_update(model, loss_sum / num_micro, metric_sums, num_micro, tokens)
     scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
@@ -407,6 +416,21 @@ def optimizer_step(model, data, num_micro: int, loss_fn, optimizer, scaler, auto
     optimizer.zero_grad(set_to_none=True)
     return (loss_sum / num_micro, {key: value / num_micro for key, value in metric_sums.items()}, tokens, grad_norm,
             applied)
+
+
+def deepspeed_update(engine, loss: torch.Tensor, metric_sums: dict, num_micro: int, tokens: int):
+    """optimizer_step's ending for a DeepSpeed engine: its `step()` reduces, clips (--grad_clip) and updates.
+
+    A non-finite loss on any rank skips the update, as in optimizer_step (the engine computes the gradient norm
+    only inside `step()`, too late to keep a NaN out of the weights).
+    """
+    finite = torch.isfinite(loss).float()
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    applied = bool(finite)
+    if applied:
+        engine.step()
+    grad_norm = torch.tensor(engine.get_global_grad_norm() or 0.0) if applied else torch.tensor(math.nan)
+    return loss, {key: value / num_micro for key, value in metric_sums.items()}, tokens, grad_norm, applied
 
 
 def stop_on_divergence(args, model, tokenizer, optimizer, scaler, state: dict, weights_dir: Path, resume_dir: Path,
@@ -471,9 +495,12 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
         raise SystemExit("--parallel fsdp saves whole models only; train adapters with --parallel ddp")
     wrapped = parallelize(model, args.parallel, device)  # FSDP shards `model` in place; DDP wraps it
     optimizer = build_optimizer(model, args)  # after sharding: FSDP's optimizer holds only this rank's shards
+    if args.parallel == "deepspeed":
+        wrapped, optimizer = deepspeed_engine(model, optimizer, args)
+    saved = wrapped if is_deepspeed(wrapped) else model  # what checkpoints save and restore
     resumed = False
     if args.from_resume:
-        restored = restore_checkpoint(resume_dir, model, optimizer, scaler)
+        restored = restore_checkpoint(resume_dir, saved, optimizer, scaler)
         resumed = restored is not None
         if resumed:
             state.update(restored)
@@ -505,7 +532,7 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
                 loss, metrics, tokens, grad_norm, applied = optimizer_step(
                     wrapped, data, num_micro, loss_fn, optimizer, scaler, autocast, args)
                 if not applied:
-                    stop_on_divergence(args, model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
+                    stop_on_divergence(args, saved, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
                                        save_weights_fn, float(loss), float(grad_norm))
                 position, step = position + num_micro, step + 1
                 # over all ranks: mean loss and metrics, total tokens, and whether any rank was asked to stop
@@ -538,7 +565,7 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
                                                       for key, value in result.items()))
                     metrics_log.write({"step": step, **result})
                 if step % args.save_interval == 0 or step == total_steps or summary["stopped"]:
-                    save_checkpoint(model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
+                    save_checkpoint(saved, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
                                     save_weights_fn, args.keep_last)
                 log_time += time.time() - pause
             if step >= total_steps or summary["stopped"]:
