@@ -11,6 +11,8 @@ Formats (one JSON object per line; blank lines are ignored):
                   "tools": [...]}            optional JSON schemas of the functions the assistant may call
                  an assistant message may carry "reasoning_content" (rendered as <think>...</think>) and
                  "tool_calls": [{"name": ..., "arguments": {...}}] (OpenAI style {"function": {...}} also works)
+                 upstream MiniMind's layout is read too: "tools" on the system message, and "tools" or
+                 "tool_calls" as JSON strings (see sft_messages_and_tools)
     DPO          {"chosen": [messages], "rejected": [messages]}   two conversations in the SFT message format that
                  share every message but the last one, the assistant reply preferred (chosen) or not (rejected)
 """
@@ -146,10 +148,49 @@ def check_sft_record(record: dict) -> None:
     """
     if "conversations" not in record:
         raise DataFormatError(f'missing key "conversations" (keys: {sorted(record)})')
-    tools = record.get("tools")
+    messages, tools = sft_messages_and_tools(record)
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise DataFormatError('"tools" must be a list of objects (JSON schemas of functions)')
-    check_conversation(record["conversations"], "conversations")
+    check_conversation(messages, "conversations")
+
+
+def sft_messages_and_tools(record: dict) -> tuple[object, object]:
+    """The messages and tools of an SFT record, in the form the chat template takes.
+
+    Upstream MiniMind's SFT data (its SFTDataset.create_chat_prompt) puts the tool schemas on the system message
+    ({"role": "system", "content": ..., "tools": "[...]"}) and may store "tools" and "tool_calls" as JSON strings;
+    these are moved to the record level and parsed, so both layouts render the same. Anything else is returned as
+    it is, for check_conversation to judge.
+    Raises:
+        DataFormatError when a JSON string does not parse, or when both the record and its system message
+        list tools.
+    """
+    messages, tools = record["conversations"], record.get("tools")
+    if not isinstance(messages, list):
+        return messages, tools
+    normalized = []
+    for i, message in enumerate(messages):
+        if isinstance(message, dict) and message.get("role") == "system" and "tools" in message:
+            if tools is not None:
+                raise DataFormatError(f'conversations[{i}]: "tools" on the system message and on the record; '
+                                      "list them once")
+            message = dict(message)
+            tools = parse_json_field(message.pop("tools"), f"conversations[{i}].tools")
+        if isinstance(message, dict) and isinstance(message.get("tool_calls"), str):
+            calls = parse_json_field(message["tool_calls"], f"conversations[{i}].tool_calls")
+            message = {**message, "tool_calls": calls}
+        normalized.append(message)
+    return normalized, parse_json_field(tools, "tools")
+
+
+def parse_json_field(value: object, where: str) -> object:
+    """A value stored as a JSON string, parsed; any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise DataFormatError(f"{where}: invalid JSON string ({error.msg} at column {error.colno})") from None
 
 
 def check_conversation(messages: object, key: str) -> None:
@@ -374,8 +415,8 @@ class SFTDataset(Dataset):
         def tokenize(batch):
             out = {"input_ids": [], "labels": [], "line_no": [], "cut": []}
             for line_no, line in zip(batch["line_no"], batch["json"]):
-                record = json.loads(line)
-                input_ids, labels = build_assistant_labels(tokenizer, record["conversations"], record.get("tools"))
+                messages, tools = sft_messages_and_tools(json.loads(line))
+                input_ids, labels = build_assistant_labels(tokenizer, messages, tools)
                 if all(label == IGNORE_INDEX for label in labels[:max_seq_len]):
                     if not skip_bad_lines:
                         raise DataFormatError(
