@@ -10,12 +10,13 @@ import pytest
 import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoTokenizer
 
 from model.model_lora import LoRALinear, apply_lora, load_lora, merge_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer import train_lora
-from trainer.checkpoint import save_weights
+from trainer.checkpoint import resume_states, save_weights
 from trainer.trainer_utils import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +137,9 @@ def test_train_lora_changes_only_the_adapters_and_saves_a_peft_adapter(tmp_path)
     assert any(saved[key].abs().max() > 0 for key in saved if ".lora_B." in key)  # B moved away from zero
 
     # the base weights of the trained model (in the resume state) are the pretrained ones, bit for bit
-    state = safetensors.torch.load_file(str(tmp_path / "ckpt" / "lora_identity_64_resume" / "model.safetensors"))
+    resume_state = resume_states(tmp_path / "ckpt" / "lora_identity_64_resume")[-1]
+    dcp_to_torch_save(resume_state, tmp_path / "resume.pt")
+    state = torch.load(tmp_path / "resume.pt", weights_only=True)["model"]
     for name, tensor in base.named_parameters():
         module, _, leaf = name.rpartition(".")
         key = f"{module}.base_layer.{leaf}" if f"{module}.base_layer.{leaf}" in state else name  # wrapped or not

@@ -43,7 +43,9 @@ def test_tokenizer_pretrain_sft_chat_through_the_real_scripts(tmp_path):
     common = [*TINY_MODEL, "--tokenizer_path", str(tokenizer), "--save_dir", str(out),
               "--checkpoint_dir", str(checkpoints), "--device", "cpu", "--max_seq_len", "64",
               "--batch_size", "8", "--warmup_steps", "2", "--learning_rate", "3e-3", "--eval_interval", "10",
-              "--log_interval", "1"]
+              "--log_interval", "1",
+              # at 64 tokens (with a 600-token vocabulary) a few prompts leave no room for the reply: skip them
+              "--skip_bad_lines", "1"]
     # run from another directory: no script may depend on the current directory
     elsewhere = tmp_path
 

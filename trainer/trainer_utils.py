@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from dataset.cli import HelpFormatter, fraction, positive_float, positive_int  # noqa: F401 (stage scripts)
 from dataset.lm_dataset import IGNORE_INDEX, DataFormatError
 from model.loading import default_device
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
@@ -123,33 +124,6 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
     setup_run(args)
     return args
 
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the stage docstring's line breaks and ends every flag's line with its default."""
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    value = float(text)
-    if not (value > 0.0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a float in [0, 1]."""
-    value = float(text)
-    if not 0.0 <= value <= 1.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
 
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point
