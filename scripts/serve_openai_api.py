@@ -1,0 +1,266 @@
+"""Serve a trained checkpoint over the OpenAI chat completions API, so OpenAI clients and tools can use it.
+
+    python scripts/serve_openai_api.py --model_path out/full_sft_256       # http://127.0.0.1:8998/v1
+    curl http://127.0.0.1:8998/v1/chat/completions -H "Content-Type: application/json" \\
+        -d '{"model": "full_sft_256", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0}'
+
+Endpoints (the OpenAI API reference's shapes):
+  POST /v1/chat/completions  messages (system, user, assistant with tool_calls, tool), temperature (0: greedy),
+                             top_p, max_tokens (or max_completion_tokens; capped at --max_tokens_cap), stop,
+                             seed, tools, tool_choice ("auto" or "none"), stream (server-sent events ending in
+                             `data: [DONE]`, stream_options.include_usage), and repetition_penalty (as in vLLM).
+                             The reply's <think>...</think> comes back as `reasoning_content` (as DeepSeek's and
+                             Qwen's APIs do; left out with --show_thinking 0), its <tool_call> blocks as
+                             `tool_calls` when the request has tools; `usage` counts tokens.
+  GET  /v1/models            the one model served, named --served_model_name.
+
+A malformed request gets a 4xx answer with OpenAI's error body {"error": {"message", "type", "param", "code"}}.
+Requests are served one at a time on the model (a lock); others wait their turn.
+"""
+
+import argparse
+import json
+import time
+import uuid
+from pathlib import Path
+from threading import Lock
+from typing import Annotated, Literal
+
+import jinja2
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, model_validator
+from starlette.exceptions import HTTPException
+
+from model.loading import load_checkpoint
+from scripts.generation import ReplyStream, add_checkpoint_flags, prompt_ids
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_flags(parser)
+    parser.add_argument("--served_model_name", default=None,
+                        help="the model name clients send and /v1/models lists (default: the checkpoint "
+                             "directory's name, e.g. full_sft_256)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 opens the server to other machines (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8998, help="TCP port (default: %(default)s)")
+    parser.add_argument("--max_tokens_cap", type=int, default=2048,
+                        help="a request's max_tokens is lowered to this many tokens; also the default when a "
+                             "request gives none (default: %(default)s)")
+    parser.add_argument("--show_thinking", type=int, default=1, choices=[0, 1],
+                        help="1: return the reasoning a model writes in <think>...</think> as reasoning_content; "
+                             "0: leave it out, only the answer (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.max_tokens_cap < 1:
+        parser.error(f"--max_tokens_cap {args.max_tokens_cap}: must be at least 1 token")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The request, as the OpenAI API reference defines it (the fields this server uses; others are ignored)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict  # a JSON string in the OpenAI API
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def has_content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def for_template(self) -> dict:
+        """The message as the chat template reads it: content as one string, 'developer' as 'system'."""
+        content = self.content if not isinstance(self.content, list) else "".join(part.text for part in self.content)
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.reasoning_content:
+            message["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump(exclude_none=True) for call in self.tool_calls]
+        return message
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)  # one reply per request
+    seed: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: Literal["auto", "none"] | None = None
+    repetition_penalty: float = Field(1.0, gt=0)
+
+    def max_new_tokens(self, cap: int) -> int:
+        """max_completion_tokens (the API's newer name) or max_tokens, at most `cap`, which is also the default."""
+        return min(self.max_completion_tokens or self.max_tokens or cap, cap)
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else self.stop or []
+
+    def use_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors in OpenAI's shape
+
+
+def error_response(status: int, message: str, error_type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    return JSONResponse({"error": {"message": message, "type": error_type, "param": param, "code": code}},
+                        status_code=status)
+
+
+async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """A body that is not JSON or does not fit the schema: 400 naming the first wrong field."""
+    first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        return error_response(400, f"the request body is not valid JSON: {first['ctx']['error']}")
+    param = ".".join(str(part) for part in first["loc"] if part != "body") or None
+    return error_response(400, f"{param or 'body'}: {first['msg']}", param=param)
+
+
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """404 for an unknown path or model, 405 for a wrong method..., in OpenAI's shape."""
+    kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+    return error_response(error.status_code, str(error.detail), kind, code=getattr(error, "code", None))
+
+
+async def server_error(request: Request, error: Exception) -> JSONResponse:
+    return error_response(500, f"{type(error).__name__}: {error}", "server_error")
+
+
+class ModelNotFound(HTTPException):
+    code = "model_not_found"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The app
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def openai_tool_calls(calls: list[dict]) -> list[dict]:
+    """Parsed calls ([{"name", "arguments"}]) in the API's form, each with an id for the tool's answer to cite."""
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call} for call in calls]
+
+
+def create_app(model, tokenizer, model_name: str, max_tokens_cap: int, show_thinking: bool = True) -> FastAPI:
+    """The FastAPI app serving `model` under the name `model_name`. Generation holds one lock, so concurrent
+    requests take turns on the model."""
+    app = FastAPI(title="MiniMind OpenAI-compatible API")
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+    model_lock, created = Lock(), int(time.time())
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "minimind"}]}
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(request: ChatCompletionRequest):
+        if request.model != model_name:
+            raise ModelNotFound(404, f"The model {request.model!r} does not exist; this server serves {model_name!r}")
+        tools = request.tools if request.use_tools() else None
+        try:  # the template checks the conversation (roles, order) before anything is generated
+            ids = prompt_ids(tokenizer, [message.for_template() for message in request.messages], tools)
+        except jinja2.TemplateError as error:
+            return error_response(400, f"messages: {error}", param="messages")
+        reply = ReplyStream(model, tokenizer, ids, max_new_tokens=request.max_new_tokens(max_tokens_cap),
+                            temperature=request.temperature, top_p=request.top_p,
+                            repetition_penalty=request.repetition_penalty, stop=request.stop_strings(),
+                            parse_tools=tools is not None, seed=request.seed, lock=model_lock)
+        header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if request.stream:
+            include_usage = request.stream_options is not None and request.stream_options.include_usage
+            return StreamingResponse(stream_events(reply, header, len(ids), include_usage, show_thinking),
+                                     media_type="text/event-stream")
+        reply.complete()
+        message = {"role": "assistant", "content": reply.content or (None if reply.tool_calls else "")}
+        if show_thinking and reply.reasoning:
+            message["reasoning_content"] = reply.reasoning
+        if reply.tool_calls:
+            message["tool_calls"] = openai_tool_calls(reply.tool_calls)
+        return {**header, "object": "chat.completion",
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish_reason}],
+                "usage": usage(len(ids), len(reply.token_ids))}
+
+    return app
+
+
+def stream_events(reply: ReplyStream, header: dict, prompt_tokens: int, include_usage: bool, show_thinking: bool):
+    """Server-sent events of a streamed reply: chat.completion.chunk objects, each `data: {json}` and a blank
+    line; the first carries the role, the last the finish_reason, then usage if asked, then `data: [DONE]`."""
+
+    def event(delta: dict, finish_reason: str | None = None) -> str:
+        chunk = {**header, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    yield event({"role": "assistant", "content": ""})
+    for reasoning, content in reply:
+        delta = {"content": content} if content else {}
+        if show_thinking and reasoning:
+            delta["reasoning_content"] = reasoning
+        if delta:
+            yield event(delta)
+    if reply.tool_calls:
+        calls = openai_tool_calls(reply.tool_calls)  # each whole, in one chunk: they are parsed once complete
+        yield event({"tool_calls": [{"index": index, **call} for index, call in enumerate(calls)]})
+    yield event({}, reply.finish_reason)
+    if include_usage:
+        chunk = {**header, "object": "chat.completion.chunk", "choices": [],
+                 "usage": usage(prompt_tokens, len(reply.token_ids))}
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, tokenizer = load_checkpoint(args.model_path, args.device, args.base_model_path)
+    name = args.served_model_name or Path(args.model_path).resolve().name
+    uvicorn.run(create_app(model, tokenizer, name, args.max_tokens_cap, bool(args.show_thinking)),
+                host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Chat with a trained checkpoint in the browser (Streamlit): replies streamed token by token, multi-turn.
+
+    streamlit run scripts/web_demo.py                                   # then open http://localhost:8501
+    streamlit run scripts/web_demo.py -- --model_path out/full_sft_256 --device cpu --temperature 0.7
+    python scripts/web_demo.py --model_path out/full_sft_256           # the same: starts `streamlit run`
+
+The sidebar picks the checkpoint (a directory under --out_dir that holds config.json or a LoRA adapter's
+adapter_config.json, or any checkpoint path typed in) and sets the system prompt, temperature, top_p,
+max_new_tokens, repetition penalty, the earlier turns kept, and whether the model's <think> reasoning is shown;
+the flags give their starting values. "Clear history" starts a new conversation. Flags go after `--` when the
+app is started with `streamlit run`.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from threading import Lock
+
+import streamlit as st
+from streamlit import runtime
+from streamlit.web import cli as streamlit_cli
+
+from model.loading import load_checkpoint
+from scripts.generation import REPO_ROOT, ReplyStream, add_chat_flags, add_checkpoint_flags, build_messages, prompt_ids
+
+CURSOR = "▌"  # shown at the end of a reply while it streams
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_flags(parser)
+    parser.add_argument("--out_dir", default=str(REPO_ROOT / "out"),
+                        help="directory whose checkpoint subdirectories the sidebar lists (default: %(default)s)")
+    add_chat_flags(parser)
+    return parser.parse_args(argv)
+
+
+def checkpoint_dirs(out_dir: str | Path) -> list[str]:
+    """The checkpoints in `out_dir`, sorted: its subdirectories holding config.json (weights) or
+    adapter_config.json (a LoRA adapter)."""
+    directory = Path(out_dir)
+    if not directory.is_dir():
+        return []
+    return sorted(str(path) for path in directory.iterdir()
+                  if (path / "config.json").is_file() or (path / "adapter_config.json").is_file())
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the checkpoint...")
+def load_model(path: str, device: str | None, base_model_path: str | None):
+    """The checkpoint's model and tokenizer, loaded once for every browser session, and the lock that makes the
+    sessions take turns on the model."""
+    model, tokenizer = load_checkpoint(path, device, base_model_path)
+    return model, tokenizer, Lock()
+
+
+def sidebar(args) -> dict:
+    """The sidebar's widgets, started from the flags; returns the chosen checkpoint path and settings."""
+    bar = st.sidebar
+    bar.title("MiniMind")
+    choices, flagged = checkpoint_dirs(args.out_dir), str(Path(args.model_path))
+    if Path(flagged).is_dir() and flagged not in choices:
+        choices.insert(0, flagged)
+    first = choices.index(flagged) if flagged in choices else 0 if choices else None
+    selected = bar.selectbox("Checkpoint", choices, index=first, format_func=lambda path: Path(path).name,
+                             placeholder=f"no checkpoint in {args.out_dir}")
+    typed = bar.text_input("...or a checkpoint directory", placeholder="path/to/checkpoint").strip()
+    settings = {
+        "model_path": typed or selected,
+        "system_prompt": bar.text_area("System prompt", value=args.system_prompt or "").strip() or None,
+        "temperature": bar.slider("Temperature (0: greedy)", 0.0, 2.0, args.temperature, step=0.05),
+        "top_p": bar.slider("Top-p", 0.05, 1.0, args.top_p, step=0.05),
+        "max_new_tokens": bar.number_input("Max new tokens", 1, 8192, args.max_new_tokens),
+        "repetition_penalty": bar.slider("Repetition penalty (1: off)", 1.0, 2.0, args.repetition_penalty, step=0.05),
+        "history_turns": bar.slider("Earlier exchanges kept", 0, 16, args.history_turns),
+        "show_thinking": bar.toggle("Show thinking", value=bool(args.show_thinking)),
+    }
+    if bar.button("Clear history"):
+        st.session_state.history = []
+    return settings
+
+
+def show_message(message: dict, show_thinking: bool) -> None:
+    with st.chat_message(message["role"]):
+        # the same two slots as a streamed reply, so that on the next run Streamlit updates them in place rather
+        # than leave the streamed reply's answer under the new one until the run ends
+        thinking = st.empty()
+        if show_thinking and message.get("reasoning"):
+            thinking.caption(message["reasoning"])
+        st.markdown(message["content"])
+
+
+def stream_answer(model, tokenizer, lock: Lock, history: list[dict], settings: dict) -> dict:
+    """Generate the reply to the last message of `history`, showing it as it streams; return it as a message."""
+    earlier = [{"role": m["role"], "content": m["content"]} for m in history]  # reasoning is not sent back (Qwen3)
+    messages = build_messages(earlier, settings["system_prompt"], settings["history_turns"])
+    reply = ReplyStream(model, tokenizer, prompt_ids(tokenizer, messages), max_new_tokens=settings["max_new_tokens"],
+                        temperature=settings["temperature"], top_p=settings["top_p"],
+                        repetition_penalty=settings["repetition_penalty"], lock=lock)
+    with st.chat_message("assistant"):
+        thinking, answer = st.empty(), st.empty()
+        for _ in reply:  # the cursor follows the part still being written: the reasoning, then the answer
+            if settings["show_thinking"] and reply.reasoning:
+                thinking.caption(reply.reasoning + ("" if reply.content else CURSOR))
+            if reply.content:
+                answer.markdown(reply.content + CURSOR)
+        if settings["show_thinking"] and reply.reasoning:
+            thinking.caption(reply.reasoning)
+        answer.markdown(reply.content)
+    return {"role": "assistant", "content": reply.content.strip(), "reasoning": reply.reasoning}
+
+
+def main() -> None:
+    args = parse_args(sys.argv[1:])
+    st.set_page_config(page_title="MiniMind chat")
+    settings = sidebar(args)
+    if not settings["model_path"]:
+        st.info(f"No checkpoint in {args.out_dir}: train one (python trainer/train_full_sft.py) or type a path "
+                "in the sidebar.")
+        st.stop()
+    try:
+        model, tokenizer, lock = load_model(settings["model_path"], args.device, args.base_model_path)
+    except SystemExit as error:  # load_checkpoint's one-line message for a directory that is no checkpoint
+        st.error(str(error))
+        st.stop()
+    history = st.session_state.setdefault("history", [])
+    for message in history:
+        show_message(message, settings["show_thinking"])
+    if prompt := st.chat_input("Message MiniMind"):
+        history.append({"role": "user", "content": prompt})
+        show_message(history[-1], settings["show_thinking"])
+        history.append(stream_answer(model, tokenizer, lock, history, settings))
+
+
+if __name__ == "__main__":
+    if runtime.exists():  # started by `streamlit run`
+        main()
+    else:  # started by `python scripts/web_demo.py [flags]`: check the flags, then hand over to `streamlit run`
+        parse_args()
+        sys.argv = ["streamlit", "run", __file__, "--", *sys.argv[1:]]
+        sys.exit(streamlit_cli.main())

@@ -1,0 +1,129 @@
+"""scripts/web_demo.py in a real browser: the test starts `streamlit run` on a free localhost port with a tiny
+random checkpoint, drives Debian's Chromium headless through Playwright, chats two turns and checks each streamed
+reply against transformers' greedy `generate` on the conversation so far.
+
+A screenshot is written to the test's tmp dir and, when MINIMIND_TEST_ARTIFACTS names a directory, copied there
+as web_demo.png. Needs the chromium package (apt-get install chromium); skipped where it is missing."""
+
+import os
+import re
+import shutil
+import sys
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from model.loading import load_checkpoint
+from scripts.generation import build_messages, prompt_ids
+from scripts.web_demo import CURSOR, checkpoint_dirs
+from serving_helpers import (REPO, free_port, greedy_ids, random_checkpoint, scripted_checkpoint, shipped_tokenizer,
+                             start_server, stop_server)
+
+CHROMIUM = shutil.which("chromium")
+# Without the background-networking flags Chromium keeps calling Google's services and misbehaves offline
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+MAX_NEW_TOKENS = 48
+THINKING_REPLY = "<think>\nA greeting: answer kindly.\n</think>\n\nHello there!<|im_end|>"
+FINISHED_REPLY = re.compile(f"^[^{CURSOR}]*[^\\s{CURSOR}][^{CURSOR}]*$")  # some text, and the streaming cursor gone
+# Records every text the newest assistant message shows, to see the reply grow while it streams
+RECORD_REPLY_TEXTS = """() => {
+    window.replyTexts = [];
+    new MutationObserver(() => {
+        const messages = document.querySelectorAll('[data-testid="stChatMessageContent"]');
+        const text = messages.length ? messages[messages.length - 1].innerText : '';
+        if (window.replyTexts[window.replyTexts.length - 1] !== text) window.replyTexts.push(text);
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def words(text: str) -> list[str]:
+    """The runs of letters and digits in `text`: what survives Markdown rendering of a reply unchanged."""
+    return re.findall(r"[^\W_]+", text)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """(url, checkpoint dir) of `streamlit run scripts/web_demo.py` on a tiny random checkpoint under an out dir."""
+    out = tmp_path_factory.mktemp("out")
+    directory = random_checkpoint(out / "tiny_random")
+    port = free_port()
+    process = start_server([sys.executable, "-m", "streamlit", "run", str(REPO / "scripts" / "web_demo.py"),
+                            "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port),
+                            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--",
+                            "--out_dir", str(out), "--model_path", str(directory), "--device", "cpu",
+                            "--temperature", "0", "--repetition_penalty", "1", "--max_new_tokens", str(MAX_NEW_TOKENS)],
+                           f"http://127.0.0.1:{port}/_stcore/health", out / "streamlit.log")
+    yield f"http://127.0.0.1:{port}", directory
+    stop_server(process)
+
+
+def test_checkpoint_dirs_lists_weights_and_adapters(tmp_path):
+    for name, marker in [("full_sft_64", "config.json"), ("lora_identity_64", "adapter_config.json"),
+                         ("runs", "metrics.jsonl")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / marker).write_text("{}")
+    assert checkpoint_dirs(tmp_path) == [str(tmp_path / "full_sft_64"), str(tmp_path / "lora_identity_64")]
+    assert checkpoint_dirs(tmp_path / "missing") == []
+
+
+@pytest.fixture(scope="module")
+def thinking_checkpoint(tmp_path_factory):
+    """A model that answers "Hi" with THINKING_REPLY (memorized)."""
+    prompt = prompt_ids(shipped_tokenizer(), [{"role": "user", "content": "Hi"}])
+    return scripted_checkpoint(tmp_path_factory.mktemp("thinking"), [(prompt, THINKING_REPLY)])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_chat_in_the_browser_streams_greedy_replies_and_clears(app, thinking_checkpoint, tmp_path):
+    url, directory = app
+    model, tokenizer = load_checkpoint(directory, "cpu")
+    history = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1280, "height": 900})
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.get_by_test_id("stChatInputTextArea")).to_be_visible(timeout=60_000)  # the model is loaded
+            expect(page.get_by_role("combobox", name="Checkpoint")).to_have_value("tiny_random")  # found in --out_dir
+            page.evaluate(RECORD_REPLY_TEXTS)
+            for turn, question in enumerate(["Hello!", "Tell me more."]):
+                history.append({"role": "user", "content": question})
+                expected = tokenizer.decode(greedy_ids(model, tokenizer, prompt_ids(
+                    tokenizer, build_messages(history, None, 8)), MAX_NEW_TOKENS), skip_special_tokens=True)
+                history.append({"role": "assistant", "content": expected.strip()})
+
+                box = page.get_by_test_id("stChatInputTextArea")
+                box.fill(question)
+                box.press("Enter")
+                reply = page.get_by_test_id("stChatMessageContent").nth(2 * turn + 1)
+                expect(reply).to_have_text(FINISHED_REPLY, timeout=60_000)
+                expect(page.get_by_test_id("stChatMessage")).to_have_count(2 * turn + 2)
+                assert words(reply.inner_text()) == words(expected) != []
+            first_reply = page.get_by_test_id("stChatMessageContent").nth(1)  # redrawn from the history, once
+            assert words(first_reply.inner_text()) == words(history[1]["content"])
+            shown = page.evaluate("window.replyTexts")
+            assert any(CURSOR in text for text in shown), "no partial reply was ever shown"
+            page.screenshot(path=str(tmp_path / "web_demo.png"), full_page=True)
+            page.get_by_role("button", name="Clear history").click()
+            expect(page.get_by_test_id("stChatMessage")).to_have_count(0)
+
+            # another checkpoint by its path, and its <think> reasoning shown on request
+            path_box = page.get_by_role("textbox", name="...or a checkpoint directory")
+            path_box.fill(str(thinking_checkpoint))
+            path_box.press("Enter")
+            page.get_by_text("Show thinking").click()
+            expect(page.get_by_role("switch", name="Show thinking")).to_be_checked()
+            box = page.get_by_test_id("stChatInputTextArea")
+            box.fill("Hi")
+            box.press("Enter")
+            reply = page.get_by_test_id("stChatMessageContent").nth(1)
+            expect(reply).to_have_text(re.compile(r"^A greeting: answer kindly\.\s*Hello there!\s*$"), timeout=60_000)
+            expect(reply.get_by_test_id("stCaptionContainer")).to_have_text("A greeting: answer kindly.")
+        finally:
+            browser.close()
+    if os.environ.get("MINIMIND_TEST_ARTIFACTS"):
+        os.makedirs(os.environ["MINIMIND_TEST_ARTIFACTS"], exist_ok=True)
+        shutil.copy(tmp_path / "web_demo.png", os.environ["MINIMIND_TEST_ARTIFACTS"])
