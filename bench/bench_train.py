@@ -1,0 +1,211 @@
+"""Training throughput of the shared loop: step time, tokens/s (all and useful), MFU, peak memory; JSON out.
+
+    python bench/bench_train.py                                   # reference shape, pretrain + SFT, + transformers
+    python bench/bench_train.py --shapes quick,moe --modes pretrain --steps 5 --output bench/train.json
+
+Each (shape, mode, implementation) runs in a fresh subprocess, so its peak memory (RSS on CPU,
+torch.cuda.max_memory_allocated on CUDA) is its own. A run times `--steps` optimizer steps of the real loop's
+`optimizer_step` (trainer/trainer_utils.py: forward, backward, clipping, AdamW) on the shipped data after
+`--warmup` untimed steps, and reports medians:
+
+- tokens/s: input tokens per second; useful tokens/s: non-padding tokens that carry a loss (SFT pads a batch to
+  its longest sample after length grouping; pretraining blocks are full, so there every token is useful).
+- model FLOPs per token: 6 N (N = weights that multiply: every linear layer and the tied output head, the
+  active experts only for MoE; the embedding lookup is free) + 12 L d_attn T for the attention scores
+  (PaLM, Chowdhery et al. 2022, appendix B), T the sequence length.
+- MFU: achieved model FLOP/s over a peak measured in the same run: the median of square matrix products of
+  `--gemm_size` in the run's dtype on the same device.
+- `transformers` rows: stock Qwen3ForCausalLM of the same shape in a plain loop (forward with labels, backward,
+  clip, AdamW), the reference our model must not be slower than.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # name: flags of the shared loop
+    "reference": ["--hidden_size", "512", "--num_hidden_layers", "8", "--num_attention_heads", "8",
+                  "--num_key_value_heads", "4"],  # MiniMind2-small, upstream's measured shape
+    "quick": [],  # the stage scripts' default (4.6M parameters)
+    "moe": ["--hidden_size", "512", "--num_hidden_layers", "8", "--num_attention_heads", "8",
+            "--num_key_value_heads", "4", "--use_moe", "1", "--num_experts", "4", "--num_experts_per_tok", "1"],
+}
+DATA = {"pretrain": REPO_ROOT / "dataset" / "data" / "pretrain.jsonl", "sft": REPO_ROOT / "dataset" / "data" / "sft.jsonl"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="reference", help=f"comma-separated of {sorted(SHAPES)}")
+    parser.add_argument("--modes", default="pretrain,sft", help="comma-separated of pretrain, sft")
+    parser.add_argument("--impls", default="ours,transformers", help="comma-separated of ours, transformers")
+    parser.add_argument("--device", default=None, help="cuda | mps | cpu (default: the first available)")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
+    parser.add_argument("--batch_size", type=int, default=16, help="samples per step")
+    parser.add_argument("--max_seq_len", type=int, default=256, help="pretraining block length, tokens")
+    parser.add_argument("--sft_max_seq_len", type=int, default=768, help="SFT sample cap, tokens (upstream: 768)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--gemm_size", type=int, default=2048, help="side of the square GEMM measuring the peak")
+    parser.add_argument("--compile", type=int, choices=(0, 1), default=0, help="1: torch.compile the model")
+    parser.add_argument("--output", help="also write the results as JSON here")
+    parser.add_argument("--single", help=argparse.SUPPRESS)  # "shape,mode,impl": run one case in this process
+    return parser.parse_args(argv)
+
+
+def gemm_peak_flops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """Median FLOP/s of (size x size) @ (size x size) in `dtype` on `device` (2 size^3 FLOPs each)."""
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times[1:])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_flops_per_token(config, seq_len: int) -> float:
+    """6 N + 12 L d_attn T (PaLM appendix B); N counts the weights of every matmul, active experts only."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    d_attn = config.num_attention_heads * config.head_dim
+    d_kv = config.num_key_value_heads * config.head_dim
+    attention = hidden * d_attn * 2 + hidden * d_kv * 2  # q, o and k, v projections
+    if config.use_moe:
+        mlp = 3 * hidden * config.moe_intermediate_size * config.num_experts_per_tok + hidden * config.num_experts
+    else:
+        mlp = 3 * hidden * config.intermediate_size
+    n = layers * (attention + mlp) + config.vocab_size * hidden  # + the output head
+    return 6 * n + 12 * layers * d_attn * seq_len
+
+
+def run_case(shape: str, mode: str, impl: str, args) -> dict:
+    """Time one case in this process; return its figures."""
+    from dataset.lm_dataset import IGNORE_INDEX, PretrainDataset, SFTDataset
+    from trainer.trainer_utils import (build_optimizer, causal_lm_loss, epoch_batches, load_model, optimizer_step)
+    from trainer.trainer_utils import parse_args as parse_train_args
+
+    seq_len = args.max_seq_len if mode == "pretrain" else args.sft_max_seq_len
+    flags = [*SHAPES[shape], "--max_seq_len", str(seq_len), "--batch_size", str(args.batch_size), "--dtype", args.dtype,
+             "--data_path", str(DATA[mode]), "--from_weight", "none"]
+    if args.device:
+        flags += ["--device", args.device]
+    train_args = parse_train_args(mode, "bench", argv=flags)
+    device = torch.device(train_args.device)
+    model, tokenizer = load_model(train_args)
+    dataset = (PretrainDataset(DATA[mode], tokenizer, seq_len) if mode == "pretrain"
+               else SFTDataset(DATA[mode], tokenizer, seq_len))
+    batches = epoch_batches(len(dataset), args.batch_size, train_args.seed, 0, getattr(dataset, "lengths", None))
+    batches = batches[:args.warmup + args.steps]
+    collated = [dataset.collate([dataset[i] for i in batch]) for batch in batches]
+    useful = [int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in collated]
+    tokens = [batch["input_ids"].numel() for batch in collated]
+    autocast = (nullcontext() if train_args.dtype == "float32"
+                else torch.autocast(device.type, getattr(torch, train_args.dtype)))
+
+    if impl == "ours":
+        model.to(device)
+        net = torch.compile(model) if args.compile else model
+        optimizer = build_optimizer(model, train_args)
+        scaler = torch.amp.GradScaler(device.type, enabled=train_args.dtype == "float16")
+
+        def step(batch):
+            optimizer_step(net, iter([batch]), 1, causal_lm_loss, optimizer, scaler, autocast, train_args)
+    else:
+        from transformers import Qwen3ForCausalLM
+        from scripts.convert_model import qwen3_config_of
+        if model.config.use_moe:
+            raise SystemExit("the transformers reference runs the dense shapes")
+        reference = Qwen3ForCausalLM(qwen3_config_of(model.config)).to(device)
+        net = torch.compile(reference) if args.compile else reference
+        optimizer = build_optimizer(reference, train_args)
+
+        def step(batch):
+            batch = {key: value.to(device) for key, value in batch.items()}
+            with autocast:
+                loss = net(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), train_args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for batch in collated:
+        synchronize(device)
+        start = time.perf_counter()
+        step(batch)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    times = times[args.warmup:]
+    step_time = statistics.median(times)
+    flops_per_token = model_flops_per_token(model.config, seq_len)
+    measured_tokens, measured_useful = tokens[args.warmup:], useful[args.warmup:]
+    tokens_per_s = statistics.median(t / s for t, s in zip(measured_tokens, times))
+    useful_per_s = statistics.median(u / s for u, s in zip(measured_useful, times))
+    # MFU counts the FLOPs the model spends on real tokens: padding is compute spent on nothing
+    model_flops_per_s = statistics.median(u * flops_per_token / s for u, s in zip(measured_useful, times))
+    peak = gemm_peak_flops(device, torch.float32 if train_args.dtype == "float32" else getattr(torch,
+                                                                                             train_args.dtype),
+                           args.gemm_size)
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"shape": shape, "mode": mode, "impl": impl, "compile": bool(args.compile), "device": str(device),
+            "dtype": train_args.dtype, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "seq_len": seq_len, "parameters": sum(p.numel() for p in model.parameters()),
+            "step_time_s": step_time, "tokens_per_s": tokens_per_s, "useful_tokens_per_s": useful_per_s,
+            "useful_fraction": sum(measured_useful) / sum(measured_tokens), "model_flops_per_token": flops_per_token,
+            "model_tflops_per_s": model_flops_per_s / 1e12, "gemm_peak_tflops_per_s": peak / 1e12,
+            "mfu": model_flops_per_s / peak, "peak_memory_mb": memory / 2 ** 20}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.single:
+        print(json.dumps(run_case(*args.single.split(","), args)))
+        return
+    passed = [arg for arg in (argv if argv is not None else sys.argv[1:])]
+    results = []
+    for shape in args.shapes.split(","):
+        for mode in args.modes.split(","):
+            for impl in args.impls.split(","):
+                if impl == "transformers" and "--use_moe" in SHAPES[shape]:
+                    continue
+                done = subprocess.run([sys.executable, __file__, *passed, "--single", f"{shape},{mode},{impl}"],
+                                      capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
+                if done.returncode != 0:
+                    raise SystemExit(f"{shape},{mode},{impl} failed:\n{done.stderr[-2000:]}")
+                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print_row(results[-1], header=len(results) == 1)
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def print_row(r: dict, header: bool) -> None:
+    if header:
+        print(f"{'shape':<10}{'mode':<9}{'impl':<13}{'device':<7}{'dtype':<9}{'params':>8}{'step s':>8}"
+              f"{'tok/s':>9}{'useful/s':>10}{'useful':>8}{'MFU':>7}{'peak TF':>9}{'mem MB':>8}")
+    print(f"{r['shape']:<10}{r['mode']:<9}{r['impl'] + ('+c' if r['compile'] else ''):<13}{r['device']:<7}"
+          f"{r['dtype']:<9}{r['parameters'] / 1e6:>7.1f}M{r['step_time_s']:>8.2f}{r['tokens_per_s']:>9,.0f}"
+          f"{r['useful_tokens_per_s']:>10,.0f}{r['useful_fraction']:>8.0%}{r['mfu']:>7.1%}"
+          f"{r['gemm_peak_tflops_per_s']:>9.3f}{r['peak_memory_mb']:>8,.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
