@@ -1,5 +1,5 @@
 """lm-evaluation-harness on MiniMind checkpoints: eval/lm_eval/run_lm_eval.py scores the offline ARC task with
-MiniMind's own log-likelihoods, and eval/lm_eval/export_qwen3.py writes a copy stock transformers opens as Qwen3."""
+MiniMind's own log-likelihoods. (The Qwen3 export that plain lm_eval opens is tested in tests/test_convert_model.py.)"""
 
 import json
 import os
@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM, Qwen3MoeForCausalLM
+from transformers import AutoTokenizer
 
-from eval.lm_eval.export_qwen3 import export_qwen3
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +26,11 @@ QUESTIONS = [  # the format of eval/data/arc_easy_dev.jsonl: {"question", "choic
 ]
 
 
-def tiny_checkpoint(directory: Path, **overrides) -> Path:
+def tiny_checkpoint(directory: Path) -> Path:
     """A random MiniMind with the shipped tokenizer, saved as a training stage saves it."""
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(REPO_ROOT / "model" / "tokenizer")
-    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=len(tokenizer), **{**TINY, **overrides}))
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=len(tokenizer), **TINY))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -81,17 +80,3 @@ def test_runner_scores_local_arc_task_with_minimind_loglikelihoods(tmp_path):
     correct = [max(range(len(scores)), key=scores.__getitem__) == q["answer"] for scores, q in zip(expected, QUESTIONS)]
     assert accuracy == pytest.approx(sum(correct) / len(QUESTIONS))
 
-
-@pytest.mark.parametrize("use_moe", [False, True], ids=["dense", "moe"])
-def test_qwen3_export_opens_in_stock_transformers_with_the_same_logits(tmp_path, use_moe):
-    moe = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) if use_moe else {}
-    checkpoint = tiny_checkpoint(tmp_path / "minimind", **moe)
-    exported = export_qwen3(checkpoint, tmp_path / "qwen3")
-    assert json.loads((exported / "config.json").read_text())["model_type"] == ("qwen3_moe" if use_moe else "qwen3")
-    assert (exported / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
-    reference = AutoModelForCausalLM.from_pretrained(exported).eval()
-    assert isinstance(reference, Qwen3MoeForCausalLM if use_moe else Qwen3ForCausalLM)
-    model = MiniMindForCausalLM.from_pretrained(checkpoint).eval()
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 24))
-    with torch.no_grad():
-        assert (model(input_ids).logits - reference(input_ids).logits).abs().max().item() < 1e-4

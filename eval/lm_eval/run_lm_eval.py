@@ -12,7 +12,8 @@ The flags are lm_eval's own (`lm_eval run --help` lists them: --tasks, --limit, 
 2. it adds `--model hf` and `--include_path eval/lm_eval` (the offline tasks of this folder, e.g.
    arc_easy_local.yaml) unless the command line names its own.
 To score a checkpoint with plain `lm_eval` instead (e.g. next to a published model, with nothing of this
-repository imported), export it as Qwen3 with eval/lm_eval/export_qwen3.py.
+repository imported), export it as a stock transformers Qwen3 directory first:
+`python scripts/convert_model.py to_hf --model_path out/full_sft_256`.
 """
 
 import sys
