@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -37,6 +38,8 @@ from trainer.distributed import is_deepspeed, is_sharded, log, rank_and_world_si
 RESUME_STATE_FILE = "trainer_state.pt"
 DEEPSPEED_TAG = "deepspeed"  # the subdirectory a DeepSpeed engine's resume state is written to
 STEP_DIR = re.compile(r"step_(\d+)")  # a complete resume state; temporary names have a suffix
+# DCP warns on every single-process save and load that it assumes a single process: it is what we ask for
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def checkpoint_name(save_weight: str, hidden_size: int, use_moe: bool) -> str:
@@ -128,7 +131,7 @@ def save_resume_state(resume_dir: Path, model: torch.nn.Module, optimizer: torch
         model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
     else:
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp, no_dist=world_size == 1)
     if rank == 0:
         torch.save({**state, "scaler": scaler.state_dict()}, tmp / RESUME_STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a resume
@@ -166,7 +169,8 @@ def load_resume_state(directory: Path, model: torch.nn.Module, optimizer: torch.
             f"--from_resume 1: the state in {directory} does not fit this model (first difference: {difference}: "
             f"saved {saved_shapes.get(difference)}, model {shapes.get(difference)}); pass the flags of the "
             "interrupted run or delete that directory")
-    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory,
+             no_dist=rank_and_world_size()[1] == 1)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
     return load_trainer_state(directory, scaler)
 

@@ -123,6 +123,7 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
     Gradient accumulation sums the micro-batches' gradients locally and syncs once, on the last micro-batch:
     DDP's `no_sync`, FSDP2's `set_requires_gradient_sync(False)`.
     """
+    model = getattr(model, "_orig_mod", model)  # under torch.compile
     if enabled or rank_and_world_size()[1] == 1 or is_deepspeed(model):  # DeepSpeed: its engine.step syncs
         yield
     elif isinstance(model, DistributedDataParallel):

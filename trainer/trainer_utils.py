@@ -92,6 +92,8 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
     run.add_argument("--deepspeed_config", default=str(REPO_ROOT / "trainer" / "ds_config" / "zero2.json"),
                      help="DeepSpeed JSON (ZeRO options; batch, clipping, dtype come from the flags); zero3.json "
                           "shards the weights too")
+    run.add_argument("--compile", type=int, choices=(0, 1), default=0,
+                     help="1: torch.compile the model for training (slow first steps; see bench/bench_train.py)")
     run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (0: main process)")
     run.add_argument("--seed", type=int, default=42, help="seed of the initialization and the data order")
     run.add_argument("--log_interval", type=positive_int, default=10, help="optimizer steps between log lines")
@@ -340,7 +342,8 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself; FSDP shards it in place)."""
+    """The model inside torch.compile, DistributedDataParallel or DeepSpeed wrappers (FSDP shards it in place)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(model, DistributedDataParallel) or is_deepspeed(model) else model
 
 
@@ -472,6 +475,10 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
     if args.parallel == "deepspeed":
         wrapped, optimizer = deepspeed_engine(model, optimizer, args)
     saved = wrapped if is_deepspeed(wrapped) else model  # what checkpoints save and restore
+    if args.compile:
+        if is_deepspeed(wrapped):
+            raise SystemExit("--compile 1 with --parallel deepspeed: set DeepSpeed's own compile in its config")
+        wrapped = torch.compile(wrapped)  # after DDP wrapping, as PyTorch recommends (DDPOptimizer splits graphs)
     resumed = False
     if args.from_resume:
         restored = restore_checkpoint(resume_dir, saved, optimizer, scaler)
