@@ -407,6 +407,7 @@ class MiniMindPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # model.gradient_checkpointing_enable(): see MiniMindModel.forward
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -423,6 +424,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False  # set by gradient_checkpointing_enable() (transformers)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None):
@@ -434,7 +436,12 @@ class MiniMindModel(MiniMindPreTrainedModel):
         cos, sin = self.rotary_emb(position_ids)
         router_logits = []
         for layer in self.layers:
-            x, layer_router_logits = layer(x, cos, sin, mask, cache)
+            if self.gradient_checkpointing and self.training:
+                # activation checkpointing (Chen et al. 2016): keep only each layer's input for backward and
+                # recompute the layer there, trading one more forward for the memory of its activations
+                x, layer_router_logits = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, mask, cache)
+            else:
+                x, layer_router_logits = layer(x, cos, sin, mask, cache)
             if layer_router_logits is not None:
                 router_logits.append(layer_router_logits)
         return self.norm(x), tuple(router_logits)

@@ -207,3 +207,24 @@ def test_config_defaults_are_the_minimind_family_and_bad_shapes_raise():
         MiniMindConfig(num_attention_heads=8, num_key_value_heads=3)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         MiniMindConfig(use_moe=True, num_experts=2, num_experts_per_tok=3)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(moe):
+    model = tiny_model(use_moe=moe)
+    input_ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    results, calls = [], []
+    model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model.zero_grad()
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert len(calls) == 1 + 2  # with checkpointing the layer's forward runs again in backward
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
+    assert all(torch.allclose(grads_a[name], grads_b[name], atol=1e-6) for name in grads_a)

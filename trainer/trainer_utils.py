@@ -94,6 +94,8 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
                           "shards the weights too")
     run.add_argument("--compile", type=int, choices=(0, 1), default=0,
                      help="1: torch.compile the model for training (slow first steps; see bench/bench_train.py)")
+    run.add_argument("--gradient_checkpointing", type=int, choices=(0, 1), default=0,
+                     help="1: recompute each layer's activations in backward (less memory, ~1/3 more compute)")
     run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (0: main process)")
     run.add_argument("--seed", type=int, default=42, help="seed of the initialization and the data order")
     run.add_argument("--log_interval", type=positive_int, default=10, help="optimizer steps between log lines")
@@ -470,6 +472,8 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "elapsed_s": 0.0, "wandb_id": None}
     if args.parallel == "fsdp" and save_weights_fn is not save_weights:
         raise SystemExit("--parallel fsdp saves whole models only; train adapters with --parallel ddp")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped = parallelize(model, args.parallel, device)  # FSDP shards `model` in place; DDP wraps it
     optimizer = build_optimizer(model, args)  # after sharding: FSDP's optimizer holds only this rank's shards
     if args.parallel == "deepspeed":
