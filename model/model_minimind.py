@@ -407,7 +407,7 @@ class MiniMindPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
-    supports_gradient_checkpointing = True  # model.gradient_checkpointing_enable(): see MiniMindModel.forward
+    supports_gradient_checkpointing = True  # model.activation_checkpointing_enable(): see MiniMindModel.forward
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -424,7 +424,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
-        self.gradient_checkpointing = False  # set by gradient_checkpointing_enable() (transformers)
+        self.gradient_checkpointing = False  # set by activation_checkpointing_enable() (transformers)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None):

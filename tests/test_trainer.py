@@ -249,3 +249,10 @@ def test_sft_trains_from_the_pretrain_checkpoint(data, pretrained, tmp_path):
     assert (pretrained / "full_sft_64" / "model.safetensors").is_file()
     # the shape came from the pretrain checkpoint (2 layers), not from the flags' default (8 layers)
     assert json.loads((pretrained / "full_sft_64" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_gradient_checkpointing_flag_trains_the_same(data, tmp_path):
+    common = ["--max_steps", "3", "--eval_data_path", ""]
+    train_pretrain.main(pretrain_argv(data, tmp_path / "plain", *common))
+    train_pretrain.main(pretrain_argv(data, tmp_path / "ckpt", *common, "--gradient_checkpointing", "1"))
+    assert train_losses(tmp_path / "ckpt" / "out") == pytest.approx(train_losses(tmp_path / "plain" / "out"), rel=1e-6)

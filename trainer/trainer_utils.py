@@ -473,7 +473,7 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
     if args.parallel == "fsdp" and save_weights_fn is not save_weights:
         raise SystemExit("--parallel fsdp saves whole models only; train adapters with --parallel ddp")
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     wrapped = parallelize(model, args.parallel, device)  # FSDP shards `model` in place; DDP wraps it
     optimizer = build_optimizer(model, args)  # after sharding: FSDP's optimizer holds only this rank's shards
     if args.parallel == "deepspeed":
