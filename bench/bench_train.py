@@ -8,13 +8,14 @@ torch.cuda.max_memory_allocated on CUDA) is its own. A run times `--steps` optim
 `optimizer_step` (trainer/trainer_utils.py: forward, backward, clipping, AdamW) on the shipped data after
 `--warmup` untimed steps, and reports medians:
 
-- tokens/s: input tokens per second; useful tokens/s: non-padding tokens that carry a loss (SFT pads a batch to
-  its longest sample after length grouping; pretraining blocks are full, so there every token is useful).
+- tokens/s: input positions per second, padding included; real tokens/s: non-padding tokens (SFT pads a batch
+  to its longest sample after length grouping; pretraining blocks are full); useful tokens/s: real tokens that
+  carry a loss (SFT: the assistant's replies).
 - model FLOPs per token: 6 N (N = weights that multiply: every linear layer and the tied output head, the
   active experts only for MoE; the embedding lookup is free) + 12 L d_attn T for the attention scores
-  (PaLM, Chowdhery et al. 2022, appendix B), T the sequence length.
-- MFU: achieved model FLOP/s over a peak measured in the same run: the median of square matrix products of
-  `--gemm_size` in the run's dtype on the same device.
+  (PaLM, Chowdhery et al. 2022, appendix B), T the length of the token's own sequence (padding excluded).
+- MFU: model FLOP/s on the real tokens (padding is compute spent on nothing) over a peak measured in the same
+  run: the median of square matrix products of `--gemm_size` in the run's dtype on the same device.
 - `transformers` rows: stock Qwen3ForCausalLM of the same shape in a plain loop (forward with labels, backward,
   clip, AdamW), the reference our model must not be slower than.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+QUIET = {**os.environ, "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 SHAPES = {  # name: flags of the shared loop
     "reference": ["--hidden_size", "512", "--num_hidden_layers", "8", "--num_attention_heads", "8",
                   "--num_key_value_heads", "4"],  # MiniMind2-small, upstream's measured shape
@@ -40,7 +42,7 @@ SHAPES = {  # name: flags of the shared loop
     "moe": ["--hidden_size", "512", "--num_hidden_layers", "8", "--num_attention_heads", "8",
             "--num_key_value_heads", "4", "--use_moe", "1", "--num_experts", "4", "--num_experts_per_tok", "1"],
 }
-DATA = {"pretrain": REPO_ROOT / "dataset" / "data" / "pretrain.jsonl", "sft": REPO_ROOT / "dataset" / "data" / "sft.jsonl"}
+DATA = {mode: REPO_ROOT / "dataset" / "data" / f"{mode}.jsonl" for mode in ("pretrain", "sft")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,6 +117,10 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
     collated = [dataset.collate([dataset[i] for i in batch]) for batch in batches]
     useful = [int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in collated]
     tokens = [batch["input_ids"].numel() for batch in collated]
+    row_lengths = [batch["attention_mask"].sum(dim=1).tolist() if "attention_mask" in batch
+                   else [batch["input_ids"].shape[1]] * len(batch["input_ids"]) for batch in collated]
+    real = [sum(lengths) for lengths in row_lengths]
+    flops = [sum(n * model_flops_per_token(model.config, n) for n in lengths) for lengths in row_lengths]
     autocast = (nullcontext() if train_args.dtype == "float32"
                 else torch.autocast(device.type, getattr(torch, train_args.dtype)))
 
@@ -155,12 +161,12 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
         times.append(time.perf_counter() - start)
     times = times[args.warmup:]
     step_time = statistics.median(times)
-    flops_per_token = model_flops_per_token(model.config, seq_len)
-    measured_tokens, measured_useful = tokens[args.warmup:], useful[args.warmup:]
+    flops_per_token = sum(flops[args.warmup:]) / sum(real[args.warmup:])  # mean over the measured real tokens
+    measured_tokens, measured_real, measured_useful = tokens[args.warmup:], real[args.warmup:], useful[args.warmup:]
     tokens_per_s = statistics.median(t / s for t, s in zip(measured_tokens, times))
+    real_per_s = statistics.median(r / s for r, s in zip(measured_real, times))
     useful_per_s = statistics.median(u / s for u, s in zip(measured_useful, times))
-    # MFU counts the FLOPs the model spends on real tokens: padding is compute spent on nothing
-    model_flops_per_s = statistics.median(u * flops_per_token / s for u, s in zip(measured_useful, times))
+    model_flops_per_s = statistics.median(f / s for f, s in zip(flops[args.warmup:], times))
     peak = gemm_peak_flops(device, torch.float32 if train_args.dtype == "float32" else getattr(torch,
                                                                                              train_args.dtype),
                            args.gemm_size)
@@ -169,7 +175,8 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
     return {"shape": shape, "mode": mode, "impl": impl, "compile": bool(args.compile), "device": str(device),
             "dtype": train_args.dtype, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
             "seq_len": seq_len, "parameters": sum(p.numel() for p in model.parameters()),
-            "step_time_s": step_time, "tokens_per_s": tokens_per_s, "useful_tokens_per_s": useful_per_s,
+            "step_time_s": step_time, "tokens_per_s": tokens_per_s, "real_tokens_per_s": real_per_s,
+            "useful_tokens_per_s": useful_per_s, "real_fraction": sum(measured_real) / sum(measured_tokens),
             "useful_fraction": sum(measured_useful) / sum(measured_tokens), "model_flops_per_token": flops_per_token,
             "model_tflops_per_s": model_flops_per_s / 1e12, "gemm_peak_tflops_per_s": peak / 1e12,
             "mfu": model_flops_per_s / peak, "peak_memory_mb": memory / 2 ** 20}
@@ -188,7 +195,7 @@ def main(argv=None) -> None:
                 if impl == "transformers" and "--use_moe" in SHAPES[shape]:
                     continue
                 done = subprocess.run([sys.executable, __file__, *passed, "--single", f"{shape},{mode},{impl}"],
-                                      capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
+                                      capture_output=True, text=True, env=QUIET)
                 if done.returncode != 0:
                     raise SystemExit(f"{shape},{mode},{impl} failed:\n{done.stderr[-2000:]}")
                 results.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -200,10 +207,11 @@ def main(argv=None) -> None:
 def print_row(r: dict, header: bool) -> None:
     if header:
         print(f"{'shape':<10}{'mode':<9}{'impl':<13}{'device':<7}{'dtype':<9}{'params':>8}{'step s':>8}"
-              f"{'tok/s':>9}{'useful/s':>10}{'useful':>8}{'MFU':>7}{'peak TF':>9}{'mem MB':>8}")
+              f"{'tok/s':>9}{'real/s':>8}{'useful/s':>10}{'real':>6}{'useful':>8}{'MFU':>7}{'peak TF':>9}{'mem MB':>8}")
     print(f"{r['shape']:<10}{r['mode']:<9}{r['impl'] + ('+c' if r['compile'] else ''):<13}{r['device']:<7}"
           f"{r['dtype']:<9}{r['parameters'] / 1e6:>7.1f}M{r['step_time_s']:>8.2f}{r['tokens_per_s']:>9,.0f}"
-          f"{r['useful_tokens_per_s']:>10,.0f}{r['useful_fraction']:>8.0%}{r['mfu']:>7.1%}"
+          f"{r['real_tokens_per_s']:>8,.0f}{r['useful_tokens_per_s']:>10,.0f}{r['real_fraction']:>6.0%}"
+          f"{r['useful_fraction']:>8.0%}{r['mfu']:>7.1%}"
           f"{r['gemm_peak_tflops_per_s']:>9.3f}{r['peak_memory_mb']:>8,.0f}", flush=True)
 
 

@@ -49,6 +49,7 @@ def test_one_case_runs_the_shared_loop_and_reports_consistent_figures():
     result = bench.run_case("quick", "pretrain", "ours", args)
     assert result["useful_fraction"] == (64 - 1) / 64  # full blocks: every position but the last predicts a token
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1.5
-    # full blocks: every step has the same useful tokens, so the FLOP rate is the token rate times FLOPs per token
-    flops = result["useful_tokens_per_s"] * result["model_flops_per_token"]
+    # full blocks: every step has the same real tokens, so the FLOP rate is the token rate times FLOPs per token
+    assert result["real_fraction"] == 1 and result["real_tokens_per_s"] == result["tokens_per_s"]
+    flops = result["real_tokens_per_s"] * result["model_flops_per_token"]
     assert flops / 1e12 == pytest.approx(result["model_tflops_per_s"], rel=1e-6)
