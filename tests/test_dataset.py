@@ -150,7 +150,7 @@ def test_sft_sample_without_reply_within_max_seq_len_is_an_error_or_skipped(toke
     with caplog.at_level(logging.WARNING, logger="dataset.lm_dataset"):
         kept = SFTDataset(path, tokenizer, 40, skip_bad_lines=True)
     assert len(kept) == 1 and torch.equal(kept[0]["input_ids"], SFTDataset(path, tokenizer, 4096)[0]["input_ids"])
-    assert f"skipped 1 of 2 conversations" in caplog.text and f"{path}:2: no assistant token" in caplog.text
+    assert "skipped 1 of 2 conversations" in caplog.text and f"{path}:2: no assistant token" in caplog.text
 
 
 def test_sft_collate_right_pads_with_attention_mask(tokenizer, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from test_trainer import ENV, REPO, data, pretrain_argv, train_losses  # noqa: F401 (data is a fixture)
+from test_trainer import ENV, REPO, pretrain_argv, train_losses
 from trainer import train_pretrain
 from trainer.checkpoint import load_resume_state, resume_states, write_dir_atomically
 from trainer.trainer_utils import build_optimizer, causal_lm_loss, load_model, parse_args

@@ -29,17 +29,6 @@ TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_head
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    """The first lines of each shipped jsonl file: real text, few enough for runs of a few seconds."""
-    directory = tmp_path_factory.mktemp("data")
-    files = {}
-    for name, lines in {"pretrain": 12, "pretrain_test": 4, "sft": 24, "sft_test": 8}.items():
-        files[name] = directory / f"{name}.jsonl"
-        files[name].write_text("".join((DATA / f"{name}.jsonl").read_text().splitlines(keepends=True)[:lines]))
-    return files
-
-
 def pretrain_argv(data, tmp_path, *extra) -> list[str]:
     return ["--data_path", str(data["pretrain"]), "--eval_data_path", str(data["pretrain_test"]),
             "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "checkpoints"),
