@@ -6,6 +6,7 @@ Tiny models (hidden 64, 2 layers) on the first lines of the shipped data, as in 
 the gloo backend on CPU.
 """
 
+import json
 import math
 import random
 import signal
@@ -32,6 +33,10 @@ def torchrun(nproc: int, argv: list[str], timeout: int = 240) -> subprocess.Comp
                             capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def metrics(save_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (save_dir / "runs" / "pretrain_64" / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -96,9 +101,13 @@ def test_fsdp_state_resumes_in_one_process(data, tmp_path):
 
 @pytest.mark.skipif(not has_deepspeed(), reason="DeepSpeed is not installed")
 def test_deepspeed_zero3_run_resumes_and_matches_one_process(data, tmp_path):
+    # the shipped ZeRO-3 config, with every weight partitioned (the tiny model's would all be under the threshold)
+    config = json.loads((REPO / "trainer" / "ds_config" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
     argv = pretrain_argv(data, tmp_path / "run", "--batch_size", "1", "--accumulation_steps", "2",
-                         "--eval_data_path", "", "--max_steps", "4", "--parallel", "deepspeed",
-                         "--deepspeed_config", str(REPO / "trainer" / "ds_config" / "zero3.json"))
+                         "--eval_interval", "2", "--max_steps", "4", "--parallel", "deepspeed",
+                         "--deepspeed_config", str(tmp_path / "zero3.json"))
     torchrun(2, [*argv, "--max_steps", "2"])  # the schedule of 2 steps differs only after the warmup: not reached
     torchrun(2, [*argv, "--from_resume", "1"])
     reference = train_pretrain.main(pretrain_argv(data, tmp_path / "ref", "--batch_size", "1",
@@ -109,6 +118,8 @@ def test_deepspeed_zero3_run_resumes_and_matches_one_process(data, tmp_path):
     got, expected = weights(tmp_path / "run" / "out" / "pretrain_64"), weights(tmp_path / "ref" / "out" /
                                                                                "pretrain_64")
     assert all(torch.allclose(got[key], expected[key], atol=1e-5) for key in expected)  # gathered from ZeRO-3
+    evals = [record for record in metrics(tmp_path / "run" / "out") if "eval_loss" in record]
+    assert [record["step"] for record in evals] == [2, 4] and all(math.isfinite(r["eval_loss"]) for r in evals)
 
 
 # ----------------------------------------------------------------------------------------------------------------

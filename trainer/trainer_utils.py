@@ -478,7 +478,7 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
     optimizer = build_optimizer(model, args)  # after sharding: FSDP's optimizer holds only this rank's shards
     if args.parallel == "deepspeed":
         wrapped, optimizer = deepspeed_engine(model, optimizer, args)
-    saved = wrapped if is_deepspeed(wrapped) else model  # what checkpoints save and restore
+    saved = wrapped if is_deepspeed(wrapped) else model  # what evaluates, saves and restores (ZeRO-3: the engine)
     if args.compile:
         if is_deepspeed(wrapped):
             raise SystemExit("--compile 1 with --parallel deepspeed: set DeepSpeed's own compile in its config")
@@ -544,7 +544,7 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
                                        **dict(zip(metrics, metric_values))})
                 pause = time.time()  # eval and saving do not count against tokens/s
                 if eval_dataset is not None and (step % args.eval_interval == 0 or step == total_steps):
-                    result = evaluate(model, eval_dataset, eval_batches, loss_fn, device, autocast, eval_perplexity)
+                    result = evaluate(saved, eval_dataset, eval_batches, loss_fn, device, autocast, eval_perplexity)
                     summary["eval_loss"], summary["eval"] = result["eval_loss"], result
                     log(f"step {step}: " + ", ".join(f"{key.removeprefix('eval_')} {value:.4f}"
                                                       for key, value in result.items()))
