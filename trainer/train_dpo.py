@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import IGNORE_INDEX, DPODataset
 from trainer.trainer_utils import (REPO_ROOT, load_model, load_pretrained, parse_args, positive_float,
-                                   resolve_weight_dir, run_main, train, unwrap)
+                                   require_trained_start, resolve_weight_dir, run_main, train, unwrap)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs": 2,
         "batch_size": 8,
     })
-    if args.from_weight == "none":
-        raise SystemExit("--from_weight none: DPO starts from a trained chat model, which is also its frozen "
-                         "reference; pass --from_weight full_sft (after trainer/train_full_sft.py) or a directory")
+    require_trained_start(args, "DPO")
     model, tokenizer = load_model(args)
 
     # 2. The reference: the --from_weight checkpoint again, frozen. It stays what the run started from even when

@@ -55,7 +55,7 @@ from transformers import GenerationConfig
 from dataset.rl_dataset import PromptDataset, decode_fields
 from trainer.rewards import check_reward_fields, load_reward_function
 from trainer.trainer_utils import (REPO_ROOT, fraction, load_model, load_pretrained, parse_args, positive_float,
-                                   positive_int, resolve_weight_dir, run_main, train, unwrap)
+                                   positive_int, require_trained_start, resolve_weight_dir, run_main, train, unwrap)
 
 ADVANTAGE_EPS = 1e-4  # keeps A finite for a group whose rewards are all equal (then A = 0)
 GRPO_DATA = REPO_ROOT / "dataset" / "data" / "grpo"
@@ -243,9 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": 2,
         "warmup_steps": 10,
     })
-    if args.from_weight == "none":
-        raise SystemExit("--from_weight none: GRPO starts from a trained chat model, which is also its frozen "
-                         "reference; pass --from_weight full_sft (after trainer/train_full_sft.py) or a directory")
+    require_trained_start(args, "GRPO")
     if args.num_generations < 2:
         raise SystemExit("--num_generations must be >= 2: advantages compare the completions of a group")
     if args.beta < 0 or args.top_p == 0:

@@ -148,7 +148,8 @@ def run_main(main: Callable[[], object]) -> None:
 # Loading a model
 
 
-def resolve_weight_dir(weight: str, save_dir: str, hidden_size: int, use_moe: bool, flag: str = "--from_weight") -> Path:
+def resolve_weight_dir(weight: str, save_dir: str, hidden_size: int, use_moe: bool,
+                       flag: str = "--from_weight") -> Path:
     """The checkpoint directory `weight` names: a stage under save_dir (picked by hidden_size, use_moe) or a path.
 
     Args:
@@ -227,6 +228,17 @@ def load_model(args) -> tuple[MiniMindForCausalLM, transformers.PreTrainedTokeni
         )
     log_parameter_counts(model)
     return model, tokenizer
+
+
+def require_trained_start(args, method: str) -> None:
+    """Refuse --from_weight none for a method (DPO, GRPO) whose frozen reference is the model it starts from.
+
+    Raises:
+        SystemExit: naming the method and what to pass instead.
+    """
+    if args.from_weight == "none":
+        raise SystemExit(f"--from_weight none: {method} starts from a trained chat model, which is also its frozen "
+                         "reference; pass --from_weight full_sft (after trainer/train_full_sft.py) or a directory")
 
 
 def log_parameter_counts(model: torch.nn.Module) -> None:
@@ -381,8 +393,10 @@ def optimizer_step(model, data, num_micro: int, loss_fn, optimizer, scaler, auto
         loss_sum += loss.detach().float()
         for key, value in metrics.items():
             metric_sums[key] = metric_sums.get(key, 0.0) + torch.as_tensor(value, device=device).detach().float()
+    loss_mean, metric_means = loss_sum / num_micro, {key: value / num_micro for key, value in metric_sums.items()}
     if is_deepspeed(model):
-        return deepspeed_update(model, loss_sum / num_micro, metric_sums, num_micro, tokens)
+        grad_norm, applied = deepspeed_update(model, loss_mean)
+        return loss_mean, metric_means, tokens, grad_norm, applied
     scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
@@ -393,23 +407,23 @@ def optimizer_step(model, data, num_micro: int, loss_fn, optimizer, scaler, auto
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return (loss_sum / num_micro, {key: value / num_micro for key, value in metric_sums.items()}, tokens, grad_norm,
-            applied)
+    return loss_mean, metric_means, tokens, grad_norm, applied
 
 
-def deepspeed_update(engine, loss: torch.Tensor, metric_sums: dict, num_micro: int, tokens: int):
+def deepspeed_update(engine, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """optimizer_step's ending for a DeepSpeed engine: its `step()` reduces, clips (--grad_clip) and updates.
 
     A non-finite loss on any rank skips the update, as in optimizer_step (the engine computes the gradient norm
     only inside `step()`, too late to keep a NaN out of the weights).
+    Returns:
+        (gradient norm before clipping, NaN when skipped; whether the update was applied)
     """
     finite = torch.isfinite(loss).float()
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    applied = bool(finite)
-    if applied:
-        engine.step()
-    grad_norm = torch.tensor(engine.get_global_grad_norm() or 0.0) if applied else torch.tensor(math.nan)
-    return loss, {key: value / num_micro for key, value in metric_sums.items()}, tokens, grad_norm, applied
+    if not bool(finite):
+        return torch.tensor(math.nan), False
+    engine.step()
+    return torch.tensor(engine.get_global_grad_norm() or 0.0), True
 
 
 def stop_on_divergence(args, model, tokenizer, optimizer, scaler, state: dict, weights_dir: Path, resume_dir: Path,
