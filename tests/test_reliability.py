@@ -122,6 +122,17 @@ def test_deepspeed_zero3_run_resumes_and_matches_one_process(data, tmp_path):
     assert [record["step"] for record in evals] == [2, 4] and all(math.isfinite(r["eval_loss"]) for r in evals)
 
 
+@pytest.mark.skipif(not has_deepspeed(), reason="DeepSpeed is not installed")
+def test_a_ddp_state_is_refused_under_deepspeed_with_a_clear_message(data, tmp_path):
+    argv = pretrain_argv(data, tmp_path, "--eval_data_path", "", "--max_steps", "4")
+    train_pretrain.main([*argv, "--max_steps", "2"])
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                             "trainer/train_pretrain.py", *argv, "--from_resume", "1", "--parallel", "deepspeed"],
+                            capture_output=True, text=True, env=ENV, cwd=REPO, timeout=240)
+    assert result.returncode != 0
+    assert "step_00000002 was saved under --parallel ddp or fsdp, which this run does not use" in result.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 

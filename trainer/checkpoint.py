@@ -150,11 +150,11 @@ def load_resume_state(directory: Path, model: torch.nn.Module, optimizer: torch.
         SystemExit: when the saved weights do not fit the model (a different --hidden_size, --use_moe, LoRA...).
     """
     directory = Path(directory)
-    if is_deepspeed(model) != (directory / DEEPSPEED_TAG).is_dir():
-        saved_by, now = ("--parallel deepspeed", "another --parallel") if not is_deepspeed(model) else (
-            "--parallel ddp or fsdp", "--parallel deepspeed")
-        raise SystemExit(f"--from_resume 1: {directory} was saved by {saved_by} and cannot resume under {now}; "
-                         "resume with the interrupted run's --parallel, or start from its weights with --from_weight")
+    saved_by_deepspeed = (directory / DEEPSPEED_TAG).is_dir()
+    if is_deepspeed(model) != saved_by_deepspeed:
+        saved_with = "deepspeed" if saved_by_deepspeed else "ddp or fsdp"
+        raise SystemExit(f"--from_resume 1: {directory} was saved under --parallel {saved_with}, which this run does "
+                         "not use; resume with that --parallel, or start from its weights with --from_weight")
     if is_deepspeed(model):
         model.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
         return load_trainer_state(directory, scaler)
