@@ -413,17 +413,17 @@ class SFTDataset(Dataset):
         self.pad_token_id = tokenizer.pad_token_id
 
         def tokenize(batch):
-            out = {"input_ids": [], "labels": [], "line_no": [], "cut": []}
+            out = {"input_ids": [], "labels": [], "line_no": [], "cut": [], "usable": []}
             for line_no, line in zip(batch["line_no"], batch["json"]):
                 messages, tools = sft_messages_and_tools(json.loads(line))
                 input_ids, labels = build_assistant_labels(tokenizer, messages, tools)
-                if all(label == IGNORE_INDEX for label in labels[:max_seq_len]):
-                    if not skip_bad_lines:
-                        raise DataFormatError(
-                            f"{data_path}:{line_no}: the conversation is {len(input_ids)} tokens long and its first "
-                            f"assistant token comes after --max_seq_len {max_seq_len}; raise --max_seq_len, shorten "
-                            "the prompt, or pass --skip_bad_lines 1 to skip such samples")
-                    input_ids, labels = [], []  # marked for skipping: a map that drops rows cannot report them
+                usable = any(label != IGNORE_INDEX for label in labels[:max_seq_len])
+                if not usable and not skip_bad_lines:
+                    raise DataFormatError(
+                        f"{data_path}:{line_no}: the conversation is {len(input_ids)} tokens long and its first "
+                        f"assistant token comes after --max_seq_len {max_seq_len}; raise --max_seq_len, shorten "
+                        "the prompt, or pass --skip_bad_lines 1 to skip such samples")
+                out["usable"].append(usable)  # kept as a row here and filtered below, so skipped lines are reported
                 out["input_ids"].append(input_ids[:max_seq_len])
                 out["labels"].append(labels[:max_seq_len])
                 out["line_no"].append(line_no)
@@ -432,16 +432,16 @@ class SFTDataset(Dataset):
 
         lines = lines_dataset(data_path, check_sft_record, skip_bad_lines)
         samples = lines.map(tokenize, batched=True, remove_columns=lines.column_names, desc="applying chat template")
-        unusable = [line_no for line_no, ids in zip(samples["line_no"], samples["input_ids"]) if not ids]
+        unusable = [line_no for line_no, usable in zip(samples["line_no"], samples["usable"]) if not usable]
         if unusable:
             report_skipped(Path(data_path), [f"{data_path}:{n}: no assistant token within --max_seq_len "
                                              f"{max_seq_len}" for n in unusable], len(samples), "conversations")
-            samples = samples.filter(lambda ids: len(ids) > 0, input_columns="input_ids")
+            samples = samples.filter(lambda usable: usable, input_columns="usable")
         if len(samples) == 0:
             raise DataFormatError(f"{data_path}: no conversation has an assistant token within the first "
                                   f"--max_seq_len {max_seq_len} tokens; use a longer --max_seq_len")
         report_cut(data_path, samples, max_seq_len)
-        samples = samples.remove_columns(["line_no", "cut"])
+        samples = samples.remove_columns(["line_no", "cut", "usable"])
         self.lengths = [len(ids) for ids in samples["input_ids"]]
         self.samples = samples.with_format("torch")
 
