@@ -6,9 +6,10 @@
 Each (shape, mode, implementation) runs in a fresh subprocess, so its peak memory (RSS on CPU,
 torch.cuda.max_memory_allocated on CUDA) is its own. A run times `--steps` optimizer steps of the real loop's
 `optimizer_step` (trainer/trainer_utils.py: forward, backward, clipping, AdamW) on the shipped data after
-`--warmup` untimed steps, and reports medians:
+`--warmup` untimed steps, and reports the median step time and these rates:
 
-- tokens/s: input positions per second, padding included; real tokens/s: non-padding tokens (SFT pads a batch
+- tokens/s (totals over the measured steps, so batches of different lengths weigh by their time): input
+  positions per second, padding included; real tokens/s: non-padding tokens (SFT pads a batch
   to its longest sample after length grouping; pretraining blocks are full); useful tokens/s: real tokens that
   carry a loss (SFT: the assistant's replies).
 - model FLOPs per token: 6 N (N = weights that multiply: every linear layer and the tied output head, the
@@ -18,9 +19,13 @@ torch.cuda.max_memory_allocated on CUDA) is its own. A run times `--steps` optim
   run: the median of square matrix products of `--gemm_size` in the run's dtype on the same device.
 - `transformers` rows: stock Qwen3ForCausalLM of the same shape in a plain loop (forward with labels, backward,
   clip, AdamW), the reference our model must not be slower than.
+- `upstream_padding` rows (SFT only): upstream MiniMind's SFT batching on our model and loop: the same batches
+  as `ours`, but every sample padded to `--sft_max_seq_len` and no attention mask, as upstream's SFTDataset and
+  train_full_sft.py do. The ratio of useful tokens/s, ours over this row, is what removing the padding buys.
 """
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -49,9 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="reference", help=f"comma-separated of {sorted(SHAPES)}")
     parser.add_argument("--modes", default="pretrain,sft", help="comma-separated of pretrain, sft")
-    parser.add_argument("--impls", default="ours,transformers", help="comma-separated of ours, transformers")
+    parser.add_argument("--impls", default="ours,transformers,upstream_padding",
+                        help="comma-separated of ours, transformers, upstream_padding (SFT only)")
     parser.add_argument("--device", default=None, help="cuda | mps | cpu (default: the first available)")
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated of auto, float32, bfloat16, float16 (autocast); default: bfloat16 and "
+                             "float32 on CUDA, float32 elsewhere (bfloat16 on a CPU without native bf16 is ~100x "
+                             "slower)")
     parser.add_argument("--batch_size", type=int, default=16, help="samples per step")
     parser.add_argument("--max_seq_len", type=int, default=256, help="pretraining block length, tokens")
     parser.add_argument("--sft_max_seq_len", type=int, default=768, help="SFT sample cap, tokens (upstream: 768)")
@@ -64,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def gemm_peak_flops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+def gemm_peak_flops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 20) -> float:
     """Median FLOP/s of (size x size) @ (size x size) in `dtype` on `device` (2 size^3 FLOPs each)."""
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     times = []
@@ -96,6 +105,18 @@ def model_flops_per_token(config, seq_len: int) -> float:
     return 6 * n + 12 * layers * d_attn * seq_len
 
 
+def pad_like_upstream(batch: dict, length: int, pad_token_id: int) -> dict:
+    """A collated SFT batch as upstream MiniMind trains it: every row right-padded to `length`, no attention mask.
+
+    Right padding leaves the real tokens' outputs unchanged under the causal mask, and the padded positions carry
+    no loss (labels -100), so the loss is the same; only the compute on padding is added.
+    """
+    from dataset.lm_dataset import IGNORE_INDEX
+    extra = length - batch["input_ids"].shape[1]
+    return {"input_ids": torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_token_id),
+            "labels": torch.nn.functional.pad(batch["labels"], (0, extra), value=IGNORE_INDEX)}
+
+
 def run_case(shape: str, mode: str, impl: str, args) -> dict:
     """Time one case in this process; return its figures."""
     from dataset.lm_dataset import IGNORE_INDEX, PretrainDataset, SFTDataset
@@ -103,8 +124,8 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
     from trainer.trainer_utils import parse_args as parse_train_args
 
     seq_len = args.max_seq_len if mode == "pretrain" else args.sft_max_seq_len
-    flags = [*SHAPES[shape], "--max_seq_len", str(seq_len), "--batch_size", str(args.batch_size), "--dtype", args.dtype,
-             "--data_path", str(DATA[mode]), "--from_weight", "none"]
+    flags = [*SHAPES[shape], "--max_seq_len", str(seq_len), "--batch_size", str(args.batch_size),
+             "--dtype", args.dtype or "auto", "--data_path", str(DATA[mode]), "--from_weight", "none"]
     if args.device:
         flags += ["--device", args.device]
     train_args = parse_train_args(mode, "bench", argv=flags)
@@ -120,11 +141,14 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
     row_lengths = [batch["attention_mask"].sum(dim=1).tolist() if "attention_mask" in batch
                    else [batch["input_ids"].shape[1]] * len(batch["input_ids"]) for batch in collated]
     real = [sum(lengths) for lengths in row_lengths]
+    if impl == "upstream_padding":
+        collated = [pad_like_upstream(batch, seq_len, tokenizer.pad_token_id) for batch in collated]
+        tokens = [batch["input_ids"].numel() for batch in collated]
     flops = [sum(n * model_flops_per_token(model.config, n) for n in lengths) for lengths in row_lengths]
     autocast = (nullcontext() if train_args.dtype == "float32"
                 else torch.autocast(device.type, getattr(torch, train_args.dtype)))
 
-    if impl == "ours":
+    if impl in ("ours", "upstream_padding"):
         model.to(device)
         net = torch.compile(model) if args.compile else model
         optimizer = build_optimizer(model, train_args)
@@ -163,13 +187,11 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
     step_time = statistics.median(times)
     flops_per_token = sum(flops[args.warmup:]) / sum(real[args.warmup:])  # mean over the measured real tokens
     measured_tokens, measured_real, measured_useful = tokens[args.warmup:], real[args.warmup:], useful[args.warmup:]
-    tokens_per_s = statistics.median(t / s for t, s in zip(measured_tokens, times))
-    real_per_s = statistics.median(r / s for r, s in zip(measured_real, times))
-    useful_per_s = statistics.median(u / s for u, s in zip(measured_useful, times))
-    model_flops_per_s = statistics.median(f / s for f, s in zip(flops[args.warmup:], times))
-    peak = gemm_peak_flops(device, torch.float32 if train_args.dtype == "float32" else getattr(torch,
-                                                                                             train_args.dtype),
-                           args.gemm_size)
+    tokens_per_s = sum(measured_tokens) / sum(times)
+    real_per_s = sum(measured_real) / sum(times)
+    useful_per_s = sum(measured_useful) / sum(times)
+    model_flops_per_s = sum(flops[args.warmup:]) / sum(times)
+    peak = gemm_peak_flops(device, getattr(torch, train_args.dtype), args.gemm_size)
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"shape": shape, "mode": mode, "impl": impl, "compile": bool(args.compile), "device": str(device),
@@ -189,26 +211,29 @@ def main(argv=None) -> None:
         return
     passed = [arg for arg in (argv if argv is not None else sys.argv[1:])]
     results = []
-    for shape in args.shapes.split(","):
-        for mode in args.modes.split(","):
-            for impl in args.impls.split(","):
-                if impl == "transformers" and "--use_moe" in SHAPES[shape]:
-                    continue
-                done = subprocess.run([sys.executable, __file__, *passed, "--single", f"{shape},{mode},{impl}"],
-                                      capture_output=True, text=True, env=QUIET)
-                if done.returncode != 0:
-                    raise SystemExit(f"{shape},{mode},{impl} failed:\n{done.stderr[-2000:]}")
-                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print_row(results[-1], header=len(results) == 1)
+    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    dtypes = (args.dtype or ("bfloat16,float32" if cuda else "float32")).split(",")
+    for shape, mode, impl, dtype in itertools.product(args.shapes.split(","), args.modes.split(","),
+                                                      args.impls.split(","), dtypes):
+        if (impl == "transformers" and "--use_moe" in SHAPES[shape]) or (
+                impl == "upstream_padding" and mode != "sft"):
+            continue
+        done = subprocess.run([sys.executable, __file__, *passed, "--dtype", dtype,
+                               "--single", f"{shape},{mode},{impl}"],
+                              capture_output=True, text=True, env=QUIET)
+        if done.returncode != 0:
+            raise SystemExit(f"{shape},{mode},{impl},{dtype} failed:\n{done.stderr[-2000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print_row(results[-1], header=len(results) == 1)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
 
 
 def print_row(r: dict, header: bool) -> None:
     if header:
-        print(f"{'shape':<10}{'mode':<9}{'impl':<13}{'device':<7}{'dtype':<9}{'params':>8}{'step s':>8}"
+        print(f"{'shape':<10}{'mode':<9}{'impl':<18}{'device':<7}{'dtype':<9}{'params':>8}{'step s':>8}"
               f"{'tok/s':>9}{'real/s':>8}{'useful/s':>10}{'real':>6}{'useful':>8}{'MFU':>7}{'peak TF':>9}{'mem MB':>8}")
-    print(f"{r['shape']:<10}{r['mode']:<9}{r['impl'] + ('+c' if r['compile'] else ''):<13}{r['device']:<7}"
+    print(f"{r['shape']:<10}{r['mode']:<9}{r['impl'] + ('+c' if r['compile'] else ''):<18}{r['device']:<7}"
           f"{r['dtype']:<9}{r['parameters'] / 1e6:>7.1f}M{r['step_time_s']:>8.2f}{r['tokens_per_s']:>9,.0f}"
           f"{r['real_tokens_per_s']:>8,.0f}{r['useful_tokens_per_s']:>10,.0f}{r['real_fraction']:>6.0%}"
           f"{r['useful_fraction']:>8.0%}{r['mfu']:>7.1%}"

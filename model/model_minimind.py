@@ -280,11 +280,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (batch, heads, seq, head_dim)
         if cache is not None:  # append this step's keys/values; get back all of them
             k, v = cache.update(k, v, self.layer_idx)
-        # Each group of num_heads / num_kv_heads query heads shares one key/value head. With a KV cache (generation)
-        # SDPA reads the shared heads in place (enable_gqa), so the growing cache is not copied every step; without
-        # one (training) the heads are repeated, which keeps SDPA on its fastest kernels for forward and backward
-        # (measured on CPU: bench/bench_train.py, bench/bench_generate.py).
-        grouped = cache is not None
+        # Each group of num_heads / num_kv_heads query heads shares one key/value head. SDPA reads the shared heads in
+        # place (enable_gqa) where its kernel can: always on CPU, and without a mask on CUDA/MPS, where only the
+        # flash kernel takes grouped heads and it takes no mask (transformers' use_gqa_in_sdpa). Elsewhere the heads
+        # are repeated, which keeps SDPA off its slow math kernel. In place, the KV cache is not copied every decode
+        # step and training skips two copies per layer (measured on CPU: bench/bench_train.py, bench_generate.py).
+        grouped = mask is None or x.device.type == "cpu"
         if not grouped:
             groups = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(groups, dim=1)  # (batch, num_heads, kv_len, head_dim)
@@ -454,6 +455,25 @@ class MiniMindModel(MiniMindPreTrainedModel):
         return self.norm(x), tuple(router_logits)
 
 
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: position t predicts labels[t + 1]; labels of -100 carry no loss.
+
+        loss = -1/N * sum_{t: labels[t+1] != -100} log softmax(logits[t])[labels[t+1]]
+
+    The labels are shifted left (the last position gets -100) rather than the logits cut, so the (batch, seq,
+    vocab) logits, the largest activation of a small-vocabulary model, are not copied in forward and backward
+    (as transformers' ForCausalLMLoss does). Computed in float32 whatever the logits' dtype.
+
+    Args:
+        logits: (batch, seq, vocab).
+        labels: (batch, seq) token ids, -100 where there is no loss.
+    Returns:
+        A scalar tensor (NaN when no label counts, as F.cross_entropy gives).
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (batch, seq): targets[t] = labels[t + 1]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
 class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
     """MiniMind with a language-model head (tied to the input embeddings): next-token logits and loss.
 
@@ -491,10 +511,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
 
         loss = aux_loss = None
         if labels is not None:
-            # position t predicts token t+1: drop the last logit and the first label
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
+            loss = next_token_loss(logits, labels)
         if router_logits and cache is None:  # balance is a training objective; skip it while generating
             aux_loss = load_balancing_loss(
                 router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask

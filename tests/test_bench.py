@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
@@ -53,3 +54,21 @@ def test_one_case_runs_the_shared_loop_and_reports_consistent_figures():
     assert result["real_fraction"] == 1 and result["real_tokens_per_s"] == result["tokens_per_s"]
     flops = result["real_tokens_per_s"] * result["model_flops_per_token"]
     assert flops / 1e12 == pytest.approx(result["model_tflops_per_s"], rel=1e-6)
+
+
+def test_upstream_padding_changes_the_compute_not_the_loss():
+    """Upstream's SFT batching (every row padded to max_seq_len, no attention mask) gives the same loss as ours."""
+    from dataset.lm_dataset import SFTDataset
+    from trainer.trainer_utils import causal_lm_loss, load_model, parse_args
+    bench = load_bench("bench_train")
+    args = parse_args("sft", "test", argv=["--from_weight", "none", "--device", "cpu", "--max_seq_len", "256"])
+    model, tokenizer = load_model(args)
+    dataset = SFTDataset(bench.DATA["sft"], tokenizer, 256)
+    ours = dataset.collate([dataset[i] for i in range(4)])
+    padded = bench.pad_like_upstream(ours, 256, tokenizer.pad_token_id)
+    assert "attention_mask" in ours and not bool(ours["attention_mask"].all())  # rows of different lengths
+    assert padded.keys() == {"input_ids", "labels"} and padded["input_ids"].shape == (4, 256)
+    model.eval()
+    with torch.no_grad():
+        assert causal_lm_loss(model, padded)[0].item() == pytest.approx(causal_lm_loss(model, ours)[0].item(),
+                                                                        rel=1e-5)

@@ -24,7 +24,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import transformers
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -32,9 +31,9 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from dataset.cli import HelpFormatter, fraction, positive_float, positive_int  # noqa: F401 (stage scripts)
-from dataset.lm_dataset import IGNORE_INDEX, DataFormatError
+from dataset.lm_dataset import DataFormatError
 from model.loading import default_device
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, next_token_loss
 from trainer.checkpoint import checkpoint_name, restore_checkpoint, save_checkpoint, save_weights
 from trainer.distributed import (deepspeed_engine, full_tensor, gradient_sync, is_deepspeed, log, parallelize,
                                  rank_and_world_size, setup_run)
@@ -346,9 +345,7 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 position_ids=batch.get("position_ids"))
-    logits = out.logits[:, :-1]  # (batch, seq - 1, vocab): position t predicts token t + 1
-    targets = batch["labels"][:, 1:]  # (batch, seq - 1), -100 where there is no loss
-    lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    lm_loss = next_token_loss(out.logits, batch["labels"])  # position t predicts token t + 1
     if out.aux_loss is None:
         return lm_loss, {}
     aux_loss_coef = unwrap(model).config.router_aux_loss_coef
