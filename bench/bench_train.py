@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--gemm_size", type=int, default=2048, help="side of the square GEMM measuring the peak")
     parser.add_argument("--compile", type=int, choices=(0, 1), default=0, help="1: torch.compile the model")
+    parser.add_argument("--keep_freed_memory", type=int, choices=(0, 1), default=1,
+                        help="CPU: the shared loop's allocator setting (trainer_utils.keep_freed_memory); 0: glibc's "
+                             "default, to measure its effect")
     parser.add_argument("--output", help="also write the results as JSON here")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # "shape,mode,impl": run one case in this process
     return parser.parse_args(argv)
@@ -120,7 +123,8 @@ def pad_like_upstream(batch: dict, length: int, pad_token_id: int) -> dict:
 def run_case(shape: str, mode: str, impl: str, args) -> dict:
     """Time one case in this process; return its figures."""
     from dataset.lm_dataset import IGNORE_INDEX, PretrainDataset, SFTDataset
-    from trainer.trainer_utils import (build_optimizer, causal_lm_loss, epoch_batches, load_model, optimizer_step)
+    from trainer.trainer_utils import (build_optimizer, causal_lm_loss, epoch_batches, keep_freed_memory, load_model,
+                                       optimizer_step)
     from trainer.trainer_utils import parse_args as parse_train_args
 
     seq_len = args.max_seq_len if mode == "pretrain" else args.sft_max_seq_len
@@ -130,6 +134,8 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
         flags += ["--device", args.device]
     train_args = parse_train_args(mode, "bench", argv=flags)
     device = torch.device(train_args.device)
+    if device.type == "cpu" and args.keep_freed_memory:  # as train() does; for the transformers rows too
+        keep_freed_memory()
     model, tokenizer = load_model(train_args)
     dataset = (PretrainDataset(DATA[mode], tokenizer, seq_len) if mode == "pretrain"
                else SFTDataset(DATA[mode], tokenizer, seq_len))
@@ -195,7 +201,8 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"shape": shape, "mode": mode, "impl": impl, "compile": bool(args.compile), "device": str(device),
-            "dtype": train_args.dtype, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "dtype": train_args.dtype, "threads": torch.get_num_threads(),
+            "keep_freed_memory": bool(args.keep_freed_memory and device.type == "cpu"), "batch_size": args.batch_size,
             "seq_len": seq_len, "parameters": sum(p.numel() for p in model.parameters()),
             "step_time_s": step_time, "tokens_per_s": tokens_per_s, "real_tokens_per_s": real_per_s,
             "useful_tokens_per_s": useful_per_s, "real_fraction": sum(measured_real) / sum(measured_tokens),

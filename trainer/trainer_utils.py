@@ -14,8 +14,10 @@ output), `trainer/checkpoint.py` (files on disk), `trainer/monitor.py` (eval, me
 """
 
 import argparse
+import ctypes
 import math
 import os
+import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -358,6 +360,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) or is_deepspeed(model) else model
 
 
+def keep_freed_memory() -> bool:
+    """Make the C allocator keep freed memory for reuse instead of handing it back to the OS (Linux, glibc).
+
+    glibc serves every allocation above its mmap threshold (at most 32 MiB: a batch's logits and activations)
+    with fresh pages from the kernel and unmaps them on free, so each CPU training step page-faults all its
+    activations back in, zero-filled (about 120,000 faults, 0.5 GB a step at the 26M reference shape). Setting
+    M_MMAP_MAX to 0 serves them from the heap and M_TRIM_THRESHOLD to -1 never shrinks it (mallopt(3)): freed
+    blocks are reused by the next step. The process keeps its peak memory, which a training run reaches every
+    step anyway. Measured on CPU: about 8% shorter steps, peak RSS 2-3% higher (README, "Performance").
+
+    Returns:
+        True when applied; False where the C library is not glibc (macOS, Windows, musl), which is left as is.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -461,6 +483,8 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
     """
     rank, world_size = rank_and_world_size()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     model.to(device)
     name = checkpoint_name(args.save_weight, model.config.hidden_size, model.config.use_moe)
     weights_dir, resume_dir = Path(args.save_dir) / name, Path(args.checkpoint_dir) / f"{name}_resume"
