@@ -281,11 +281,12 @@ class Attention(nn.Module):
         if cache is not None:  # append this step's keys/values; get back all of them
             k, v = cache.update(k, v, self.layer_idx)
         # Each group of num_heads / num_kv_heads query heads shares one key/value head. SDPA reads the shared heads in
-        # place (enable_gqa) where its kernel can: always on CPU, and without a mask on CUDA/MPS, where only the
-        # flash kernel takes grouped heads and it takes no mask (transformers' use_gqa_in_sdpa). Elsewhere the heads
-        # are repeated, which keeps SDPA off its slow math kernel. In place, the KV cache is not copied every decode
-        # step and training skips two copies per layer (measured on CPU: bench/bench_train.py, bench_generate.py).
-        grouped = mask is None or x.device.type == "cpu"
+        # place (enable_gqa) where its kernel can: always on CPU; on CUDA/MPS only the flash kernel takes grouped
+        # heads, and it needs float16/bfloat16 and no mask (transformers' use_gqa_in_sdpa checks the mask). Elsewhere
+        # the heads are repeated, which keeps SDPA off its slow math kernel. In place, the KV cache is not copied every
+        # decode step and training skips two copies per layer (measured on CPU: bench/bench_train.py,
+        # bench/bench_generate.py).
+        grouped = x.device.type == "cpu" or (mask is None and q.dtype in (torch.float16, torch.bfloat16))
         if not grouped:
             groups = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(groups, dim=1)  # (batch, num_heads, kv_len, head_dim)
