@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_seq_len", type=int, default=256, help="pretraining block length, tokens")
     parser.add_argument("--sft_max_seq_len", type=int, default=768, help="SFT sample cap, tokens (upstream: 768)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median step time; rates over all of them)")
     parser.add_argument("--gemm_size", type=int, default=2048, help="side of the square GEMM measuring the peak")
     parser.add_argument("--compile", type=int, choices=(0, 1), default=0, help="1: torch.compile the model")
     parser.add_argument("--keep_freed_memory", type=int, choices=(0, 1), default=1,
