@@ -17,6 +17,9 @@ torch.cuda.max_memory_allocated on CUDA) is its own. A run times `--steps` optim
   (PaLM, Chowdhery et al. 2022, appendix B), T the length of the token's own sequence (padding excluded).
 - MFU: model FLOP/s on the real tokens (padding is compute spent on nothing) over a peak measured in the same
   run: the median of square matrix products of `--gemm_size` in the run's dtype on the same device.
+- `default` rows: what a user gets without flags: `--dtype auto` (bfloat16 where a timed matmul shows this
+  machine runs it clearly faster, model/precision.py; the decision is printed) and `--compile auto`, compiled
+  when trainer_utils.compile_pays says a run of `--default_run_s` eager seconds earns the compilation back.
 - `transformers` rows: stock Qwen3ForCausalLM of the same shape in a plain loop (forward with labels, backward,
   clip, AdamW), the reference our model must not be slower than.
 - `upstream_padding` rows (SFT only): upstream MiniMind's SFT batching on our model and loop: the same batches
@@ -54,13 +57,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="reference", help=f"comma-separated of {sorted(SHAPES)}")
     parser.add_argument("--modes", default="pretrain,sft", help="comma-separated of pretrain, sft")
-    parser.add_argument("--impls", default="ours,transformers,upstream_padding",
-                        help="comma-separated of ours, transformers, upstream_padding (SFT only)")
+    parser.add_argument("--impls", default="default,ours,transformers,upstream_padding",
+                        help="comma-separated of default (--dtype auto --compile auto), ours, transformers, "
+                             "upstream_padding (SFT only)")
+    parser.add_argument("--default_run_s", type=float, default=600.0,
+                        help="the eager run length (s) the default row's --compile auto decides for")
     parser.add_argument("--device", default=None, help="cuda | mps | cpu (default: the first available)")
     parser.add_argument("--dtype", default=None,
-                        help="comma-separated of auto, float32, bfloat16, float16 (autocast); default: bfloat16 and "
-                             "float32 on CUDA, float32 elsewhere (bfloat16 on a CPU without native bf16 is ~100x "
-                             "slower)")
+                        help="comma-separated of auto, float32, bfloat16, float16 (autocast) for the ours, "
+                             "transformers and upstream_padding rows; default: bfloat16 and float32 on CUDA and on "
+                             "CPUs where --dtype auto picks bfloat16, else float32 (bfloat16 on a CPU without native "
+                             "bf16 is ~100x slower)")
     parser.add_argument("--batch_size", type=int, default=16, help="samples per step")
     parser.add_argument("--max_seq_len", type=int, default=256, help="pretraining block length, tokens")
     parser.add_argument("--sft_max_seq_len", type=int, default=768, help="SFT sample cap, tokens (upstream: 768)")
@@ -123,8 +130,8 @@ def pad_like_upstream(batch: dict, length: int, pad_token_id: int) -> dict:
 def run_case(shape: str, mode: str, impl: str, args) -> dict:
     """Time one case in this process; return its figures."""
     from dataset.lm_dataset import IGNORE_INDEX, PretrainDataset, SFTDataset
-    from trainer.trainer_utils import (build_optimizer, causal_lm_loss, epoch_batches, keep_freed_memory, load_model,
-                                       optimizer_step)
+    from trainer.trainer_utils import (build_optimizer, causal_lm_loss, compile_pays, epoch_batches, keep_freed_memory,
+                                       load_model, optimizer_step)
     from trainer.trainer_utils import parse_args as parse_train_args
 
     seq_len = args.max_seq_len if mode == "pretrain" else args.sft_max_seq_len
@@ -154,14 +161,17 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
     autocast = (nullcontext() if train_args.dtype == "float32"
                 else torch.autocast(device.type, getattr(torch, train_args.dtype)))
 
-    if impl in ("ours", "upstream_padding"):
+    compiled = bool(args.compile)
+    if impl == "default":
+        compiled = compile_pays(args.default_run_s, device.type)
+    if impl in ("ours", "upstream_padding", "default"):
         model.to(device)
-        net = torch.compile(model) if args.compile else model
+        net = torch.compile(model) if compiled else model
         optimizer = build_optimizer(model, train_args)
         scaler = torch.amp.GradScaler(device.type, enabled=train_args.dtype == "float16")
 
         def step(batch):
-            optimizer_step(net, iter([batch]), 1, causal_lm_loss, optimizer, scaler, autocast, train_args)
+            optimizer_step(net, [batch], causal_lm_loss, optimizer, scaler, autocast, train_args)
     else:
         from transformers import Qwen3ForCausalLM
         from scripts.convert_model import qwen3_config_of
@@ -189,7 +199,7 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
         step(batch)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    times = times[args.warmup:]
+    first_step_time, times = times[0], times[args.warmup:]  # the first step compiles, when compiling
     step_time = statistics.median(times)
     flops_per_token = sum(flops[args.warmup:]) / sum(real[args.warmup:])  # mean over the measured real tokens
     measured_tokens, measured_real, measured_useful = tokens[args.warmup:], real[args.warmup:], useful[args.warmup:]
@@ -200,10 +210,11 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
     peak = gemm_peak_flops(device, getattr(torch, train_args.dtype), args.gemm_size)
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"shape": shape, "mode": mode, "impl": impl, "compile": bool(args.compile), "device": str(device),
+    return {"shape": shape, "mode": mode, "impl": impl, "compile": compiled, "device": str(device),
             "dtype": train_args.dtype, "threads": torch.get_num_threads(),
             "keep_freed_memory": bool(args.keep_freed_memory and device.type == "cpu"), "batch_size": args.batch_size,
             "seq_len": seq_len, "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype_reason": train_args.dtype_reason, "first_step_s": first_step_time,
             "step_time_s": step_time, "tokens_per_s": tokens_per_s, "real_tokens_per_s": real_per_s,
             "useful_tokens_per_s": useful_per_s, "real_fraction": sum(measured_real) / sum(measured_tokens),
             "useful_fraction": sum(measured_useful) / sum(measured_tokens), "model_flops_per_token": flops_per_token,
@@ -219,12 +230,18 @@ def main(argv=None) -> None:
     passed = [arg for arg in (argv if argv is not None else sys.argv[1:])]
     results = []
     cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
-    dtypes = (args.dtype or ("bfloat16,float32" if cuda else "float32")).split(",")
+    from model.precision import resolve_dtype
+    fast_bf16 = cuda or resolve_dtype("auto", args.device or "cpu").dtype == "bfloat16"
+    dtypes = (args.dtype or ("bfloat16,float32" if fast_bf16 else "float32")).split(",")
     for shape, mode, impl, dtype in itertools.product(args.shapes.split(","), args.modes.split(","),
                                                       args.impls.split(","), dtypes):
         if (impl == "transformers" and "--use_moe" in SHAPES[shape]) or (
                 impl == "upstream_padding" and mode != "sft"):
             continue
+        if impl == "default":  # once per shape and mode, in the dtype --dtype auto picks
+            if dtype != dtypes[0]:
+                continue
+            dtype = "auto"
         done = subprocess.run([sys.executable, __file__, *passed, "--dtype", dtype,
                                "--single", f"{shape},{mode},{impl}"],
                               capture_output=True, text=True, env=QUIET)
@@ -245,6 +262,8 @@ def print_row(r: dict, header: bool) -> None:
           f"{r['real_tokens_per_s']:>8,.0f}{r['useful_tokens_per_s']:>10,.0f}{r['real_fraction']:>6.0%}"
           f"{r['useful_fraction']:>8.0%}{r['mfu']:>7.1%}"
           f"{r['gemm_peak_tflops_per_s']:>9.3f}{r['peak_memory_mb']:>8,.0f}", flush=True)
+    if r["impl"] == "default":
+        print(f"  default dtype: {r['dtype_reason']}", flush=True)
 
 
 if __name__ == "__main__":

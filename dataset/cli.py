@@ -1,11 +1,14 @@
 """Command-line pieces the scripts share: the --help layout and flag types with one-line errors.
 
 Here, below trainer/, so that dataset/ scripts (dataset/prepare.py) and the stage scripts (through
-trainer/trainer_utils.py) use the same ones.
+trainer/trainer_utils.py) use the same ones: dataset/ never imports trainer/. Every numeric flag takes one of
+these types, so a value out of range ends in argparse's one line ("argument --learning_rate: must be a finite
+number > 0, got -1") before anything is loaded, instead of a traceback or a silently meaningless run.
 """
 
 import argparse
 import math
+from typing import Callable
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -16,12 +19,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type factory: an integer >= low (and <= high when given)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its "invalid int value: 'x'"
+    return parse
+
+
+positive_int = int_in_range(1)  # counts of steps, samples, layers, ...
+non_negative_int = int_in_range(0)  # counts where 0 means none (--warmup_steps, --num_workers)
 
 
 def positive_float(text: str) -> float:
@@ -29,6 +42,14 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0.0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0 (0 switches the thing off, e.g. --grad_clip 0, --weight_decay 0)."""
+    value = float(text)
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 

@@ -27,9 +27,10 @@ from datasets import Dataset as HFDataset
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from model.model_minimind import IGNORE_INDEX  # label of positions that carry no loss
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label of positions that carry no loss (the default ignore_index of F.cross_entropy)
 DOCUMENT_SEPARATOR = "<|endoftext|>"  # appended after every pretraining document
 
 # For each kind of message, the kinds that may come right before it (None: it opens the conversation).
@@ -109,11 +110,20 @@ def parse_line(raw_line: bytes, check_record: Callable[[dict], None]) -> tuple[s
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise DataFormatError(f"invalid JSON ({error.msg} at column {error.colno})") from None
+        raise DataFormatError(f"invalid JSON ({json_error_text(error)})") from None
     if not isinstance(record, dict):
         raise DataFormatError(f"expected a JSON object, got {type(record).__name__}")
     check_record(record)
     return line, record
+
+
+def json_error_text(error: json.JSONDecodeError) -> str:
+    """What json found wrong, and where: "Invalid control character at column 51".
+
+    Some of json's messages already end in "at" ("Invalid control character at", "Unterminated string starting
+    at"), made to be followed by the position: it is not repeated.
+    """
+    return f"{error.msg.removesuffix(' at')} at column {error.colno}"
 
 
 def report_skipped(path: Path, messages: list[str], total: int, what: str) -> None:
@@ -190,7 +200,7 @@ def parse_json_field(value: object, where: str) -> object:
     try:
         return json.loads(value)
     except json.JSONDecodeError as error:
-        raise DataFormatError(f"{where}: invalid JSON string ({error.msg} at column {error.colno})") from None
+        raise DataFormatError(f"{where}: invalid JSON string ({json_error_text(error)})") from None
 
 
 def check_conversation(messages: object, key: str) -> None:

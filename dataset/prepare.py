@@ -27,8 +27,8 @@ from transformers import AutoTokenizer
 from dataset.cli import HelpFormatter, fraction, positive_float, positive_int
 from dataset.cleaning import CleanConfig, clean_records, corpus_stats, report_dicts, report_table, stats_text
 from dataset.convert import FORMATS, TEXT_UNITS, convert_files, count_tokens, read_records, split_key, write_records
-from dataset.lm_dataset import (DOCUMENT_SEPARATOR, IGNORE_INDEX, DataFormatError, build_assistant_labels,
-                                split_prompt_and_reply)
+from dataset.lm_dataset import DOCUMENT_SEPARATOR, DataFormatError, build_assistant_labels, split_prompt_and_reply
+from model.model_minimind import IGNORE_INDEX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOSS_COLOR, NO_LOSS_COLOR, RESET = "\033[1;32m", "\033[2m", "\033[0m"  # bold green / dim / reset (ANSI)

@@ -40,8 +40,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dataset.lm_dataset import IGNORE_INDEX, DataFormatError, pad_collate, read_jsonl
+from dataset.lm_dataset import DataFormatError, pad_collate, read_jsonl
 from model.loading import load_checkpoint
+from model.model_minimind import IGNORE_INDEX, token_logprobs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "eval" / "data"
@@ -168,12 +169,7 @@ def continuation_log_likelihoods(model, requests: list[tuple[list[int], list[int
         attention_mask = batch.get("attention_mask")
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=None if attention_mask is None else attention_mask.to(device)).logits
-        targets = batch["labels"][:, 1:].to(device)  # (batch, seq - 1): token t + 1, predicted at position t
-        scored = targets != IGNORE_INDEX
-        log_probs = logits[:, :-1][scored].float().log_softmax(-1)  # (scored tokens, vocab)
-        token_scores = log_probs.gather(-1, targets[scored][:, None]).squeeze(-1)  # (scored tokens,)
-        row_of_token = scored.nonzero()[:, 0]
-        per_row = torch.zeros(len(indices), device=device).index_add_(0, row_of_token, token_scores)
+        per_row = token_logprobs(logits, batch["labels"].to(device)).sum(dim=1)  # (batch,): the continuations'
         for i, score in zip(indices, per_row.tolist()):
             scores[i] = score
     return scores

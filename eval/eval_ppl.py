@@ -28,12 +28,12 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset.lm_dataset import (DOCUMENT_SEPARATOR, IGNORE_INDEX, DataFormatError, build_assistant_labels,
-                                check_pretrain_record, check_sft_record, read_jsonl)
+from dataset.lm_dataset import (DOCUMENT_SEPARATOR, DataFormatError, build_assistant_labels, check_pretrain_record,
+                                check_sft_record, read_jsonl)
 from model.loading import load_checkpoint
+from model.model_minimind import IGNORE_INDEX, token_logprobs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,9 +159,7 @@ def negative_log_likelihood(model, sequences, max_seq_len: int, stride: int, bat
             targets[row, :len(ids)] = torch.tensor(window_targets)
             attention_mask[row, :len(ids)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten().to(device),
-                              ignore_index=IGNORE_INDEX, reduction="sum")
-        total_nll += nll.item()
+        total_nll -= token_logprobs(logits, targets.to(device)).sum().item()
         total_tokens += int((targets[:, 1:] != IGNORE_INDEX).sum())
     return total_nll, total_tokens
 

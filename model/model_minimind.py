@@ -9,6 +9,7 @@ The architecture and every parameter name follow Qwen3 / Qwen3-MoE (Hugging Face
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -215,7 +216,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
     query_length: int,
     past_length: int,
 ) -> torch.Tensor | None:
@@ -229,16 +230,18 @@ def build_attention_mask(
 
     Args:
         attention_mask: (batch, past_length + query_length) with 1 for real tokens and 0 for padding, or None.
-        position_ids: (batch, query_length) positions of the new tokens.
+        position_ids: (batch, query_length) positions of the new tokens, or None when they are consecutive
+            (nothing packed: no host-side check, which also keeps torch.compile's graph whole in pretraining).
     Returns:
         None (use `is_causal`), or a bool tensor (batch, 1, query_length, past_length + query_length).
     """
     padded = attention_mask is not None and not bool(attention_mask.all())
-    packed = past_length == 0 and query_length > 1 and bool((position_ids[:, 1:] == 0).any())
+    packed = (position_ids is not None and past_length == 0 and query_length > 1
+              and bool((position_ids[:, 1:] == 0).any()))
     if not padded and not packed:
         return None
     key_length = past_length + query_length
-    device = position_ids.device
+    device = attention_mask.device if padded else position_ids.device
     query_index = torch.arange(past_length, key_length, device=device)[:, None]  # (q, 1)
     key_index = torch.arange(key_length, device=device)[None, :]  # (1, k)
     mask = (key_index <= query_index)[None, None]  # (1, 1, q, k)
@@ -439,9 +442,9 @@ class MiniMindModel(MiniMindPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         past_length = cache.get_seq_length() if cache is not None else 0
+        mask = build_attention_mask(attention_mask, position_ids, x.shape[1], past_length)
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + x.shape[1], device=x.device).expand(x.shape[0], -1)
-        mask = build_attention_mask(attention_mask, position_ids, x.shape[1], past_length)
         cos, sin = self.rotary_emb(position_ids)
         router_logits = []
         for layer in self.layers:
@@ -475,13 +478,120 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+LOSS_CHUNK_TOKENS = 1024  # positions per chunk of chunked_next_token_loss: a (1024, vocab) float32 block at a time
+
+
+class ChunkedNextTokenLoss(torch.autograd.Function):
+    """next_token_loss of `hidden @ weight.T` computed `chunk` positions at a time, never holding all the logits.
+
+    The output head and the cross-entropy are the largest activation of a small-vocabulary model: at batch 16,
+    seq 256, vocab 6400 the float32 logits, their log-softmax and its gradient are 105 MB each. Here each chunk's
+    logits are made, turned into its loss and, when a gradient is wanted, straight into its gradients, then
+    freed (the fused linear cross-entropy of Liger Kernel, Hsu et al. 2024; Cut Cross-Entropy, Wijmans et al.
+    2024). With z = h W^T and p = softmax(z), d(-log p[y]) / dz = p - onehot(y), so
+
+        dL/dh = (p - onehot(y)) W / N,    dL/dW = (p - onehot(y))^T h / N     (N: positions with a label)
+
+    Forward therefore computes the gradients too (only when autograd will ask for them) and backward only
+    scales them by the incoming gradient.
+
+    forward(hidden (N_all, hidden_size), weight (vocab, hidden_size), targets (N_all,) with IGNORE_INDEX where
+    no loss, compute_dtype, chunk, need_grad) -> the scalar float32 mean loss (NaN when no target counts).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, compute_dtype, chunk, need_grad):
+        h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+        count = (targets != IGNORE_INDEX).sum()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, target = h_all[start:start + chunk], targets[start:start + chunk]  # (c, hidden), (c,)
+            logits = (h @ w.T).float()  # (c, vocab)
+            counted = target != IGNORE_INDEX
+            index = target.clamp(min=0)[:, None]  # ignored rows read class 0, then count nothing
+            log_norm = logits.logsumexp(dim=-1)  # (c,)
+            loss_sum += ((log_norm - logits.gather(1, index).squeeze(1)) * counted).sum()
+            if need_grad:
+                grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax p, in place of the logits
+                grad_logits.scatter_add_(1, index, torch.full_like(logits[:, :1], -1.0))
+                grad_logits = (grad_logits * counted[:, None]).to(compute_dtype)  # (c, vocab)
+                grad_hidden[start:start + chunk] = grad_logits @ w
+                grad_weight += (grad_logits.T @ h).float()
+        if need_grad:
+            ctx.save_for_backward(grad_hidden / count, (grad_weight / count).to(weight.dtype))
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+
+
+def chunked_next_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """next_token_loss(hidden @ weight.T, labels), computed in chunks of positions (ChunkedNextTokenLoss).
+
+    The head's product runs in the autocast dtype when autocast is on (as `lm_head` would), the softmax in float32.
+    Equal to next_token_loss of the full logits up to float rounding (tests/test_model.py).
+
+    Args:
+        hidden: (batch, seq, hidden_size), the final norm's output.
+        weight: (vocab, hidden_size), the output head's weight.
+        labels: (batch, seq) token ids, -100 where there is no loss; shifted here as in next_token_loss.
+    Returns:
+        A scalar float32 tensor.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # targets[t] = labels[t + 1]
+    device_type = hidden.device.type
+    compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else hidden.dtype)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(device_type, enabled=False):  # the dtypes are chosen above, explicitly
+        return ChunkedNextTokenLoss.apply(hidden.flatten(0, 1), weight, targets, compute_dtype, chunk, need_grad)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each next token: position t scores labels[t + 1]; 0 where that label is -100.
+
+        logprobs[b, t] = log softmax(logits[b, t])[labels[b, t + 1]]   (the last position scores nothing: 0)
+
+    The per-token form of next_token_loss, shifted the same way: next_token_loss(logits, labels) equals
+    -token_logprobs(logits, labels).sum() / (labels[:, 1:] != -100).sum(). Stages that weigh tokens their own way
+    (DPO sums a reply's, GRPO weighs each by its advantage, evaluation sums a document's) start from it.
+
+    Args:
+        logits: (batch, seq, vocab).
+        labels: (batch, seq) token ids, -100 where nothing is scored.
+    Returns:
+        (batch, seq) float32 natural-log probabilities, whatever the logits' dtype.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (batch, seq): targets[t] = labels[t + 1]
+    # the cross-entropy of a token is -log p(token), and 0 where its label is ignored
+    token_nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="none")
+    return -token_nll.view(targets.shape)
+
+
+@dataclass
+class CausalLMOutput(MoeCausalLMOutputWithPast):
+    """transformers' MoE causal-LM output (loss, aux_loss, logits, cache) plus lm_loss: the next-token loss
+    alone, before the router's load-balancing term is added (the same as loss for a dense model)."""
+
+    lm_loss: torch.FloatTensor | None = None
+
+
 class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
     """MiniMind with a language-model head (tied to the input embeddings): next-token logits and loss.
 
     forward(input_ids (batch, seq), attention_mask (batch, past + seq) or None, position_ids (batch, seq) or
-    None, cache (a transformers `Cache`) or None, labels (batch, seq) or None) -> MoeCausalLMOutputWithPast with
-    logits (batch, seq, vocab), loss (mean next-token cross-entropy over labels != -100, shifted here as in
-    Hugging Face, plus router_aux_loss_coef * aux_loss for MoE), aux_loss (MoE only) and the updated cache.
+    None, cache (a transformers `Cache`) or None, labels (batch, seq) or None) -> CausalLMOutput with
+    logits (batch, seq, vocab), lm_loss (mean next-token cross-entropy over labels != -100, shifted here as in
+    Hugging Face), loss (lm_loss, plus router_aux_loss_coef * aux_loss for MoE, Hugging Face's convention),
+    aux_loss (MoE only) and the updated cache.
+    With labels and return_logits=False (what training asks for) the loss is computed in chunks from the hidden
+    states and logits is None: the full (batch, seq, vocab) logits are never held (chunked_next_token_loss).
     Works with `model.generate(...)` (greedy, sampling, streamers) through `GenerationMixin`.
     """
 
@@ -503,24 +613,28 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool = True,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> CausalLMOutput:
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         hidden, router_logits = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)
-        logits = self.lm_head(hidden[:, -logits_to_keep:])  # logits_to_keep=0 keeps every position
 
-        loss = aux_loss = None
-        if labels is not None:
-            loss = next_token_loss(logits, labels)
+        loss = lm_loss = aux_loss = logits = None
+        if return_logits:
+            logits = self.lm_head(hidden[:, -logits_to_keep:])  # logits_to_keep=0 keeps every position
+        if labels is not None and return_logits:
+            loss = lm_loss = next_token_loss(logits, labels)
+        elif labels is not None:  # training: the loss without the full logits (chunked_next_token_loss)
+            loss = lm_loss = chunked_next_token_loss(hidden, self.lm_head.weight, labels)
         if router_logits and cache is None:  # balance is a training objective; skip it while generating
             aux_loss = load_balancing_loss(
                 router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask
             )
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
-        return MoeCausalLMOutputWithPast(
-            loss=loss, aux_loss=aux_loss, logits=logits, cache=cache if use_cache else None
+        return CausalLMOutput(
+            loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits, cache=cache if use_cache else None
         )
 
 

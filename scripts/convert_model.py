@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwen3Config, Qwen3MoeConfig
 
-from model.loading import default_device, load_checkpoint
+from model.loading import default_device, load_checkpoint, load_pretrained
 from model.model_lora import load_lora, read_adapter_config
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 
@@ -111,14 +111,16 @@ def export_hf(model_path: str | Path, output_dir: str | Path) -> Path:
     """Write a stock transformers (Qwen3) copy of the MiniMind checkpoint `model_path` to `output_dir`.
 
     Every file but config.json is copied as it is; config.json becomes `qwen3_config_of` the checkpoint's config.
+    The checkpoint is loaded strictly first, so one missing a tensor is refused rather than exported.
     Returns:
         the output directory (created; files there are overwritten)
     Raises:
-        SystemExit: model_path is not a weights directory, or output_dir is model_path.
+        SystemExit: model_path is not a weights directory, its weights do not fit its config (load_pretrained),
+            or output_dir is model_path.
     """
     source, target = Path(model_path), Path(output_dir)
     check_paths(source, target)
-    config = MiniMindConfig.from_pretrained(source)
+    config = load_pretrained(source, "--model_path").config
     copy_files(source, target, skip=lambda name: name == "config.json")
     qwen3_config_of(config).save_pretrained(target)
     return target
@@ -138,13 +140,9 @@ def import_hf(model_path: str | Path, output_dir: str | Path) -> Path:
     check_paths(source, target)
     try:
         config = minimind_config_of(AutoConfig.from_pretrained(source))
-        model, info = MiniMindForCausalLM.from_pretrained(source, config=config, dtype=config.dtype,
-                                                          output_loading_info=True)
     except ValueError as error:
         raise SystemExit(f"error: --model_path {source}: {error}") from None
-    problems = {kind: keys for kind, keys in info.items() if keys}
-    if problems:
-        raise SystemExit(f"error: --model_path {source}: the weights do not fit a MiniMind model: {problems}")
+    model = load_pretrained(source, "--model_path", config=config, dtype=config.dtype)
     copy_files(source, target, skip=lambda name: name == "config.json" or is_weights_file(name))
     model.save_pretrained(target)
     return target
@@ -173,7 +171,7 @@ def merge_adapter(adapter_path: str | Path, output_dir: str | Path, base_model_p
 def adapted_model(adapter_path: str | Path, base_model_path: str | None = None) -> MiniMindForCausalLM:
     """The base model with the adapter's LoRALinear layers in place, not merged: the reference for merge_adapter."""
     base = base_model_path or read_adapter_config(adapter_path)["base_model_name_or_path"]
-    model = MiniMindForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = load_pretrained(base, "--base_model_path")
     load_lora(model, adapter_path)
     return model
 
@@ -464,16 +462,16 @@ def main(argv=None) -> None:
     device = args.device or default_device()
     if args.command == "to_hf":
         export_hf(args.model_path, output)
-        reference = MiniMindForCausalLM.from_pretrained(args.model_path)
+        reference = load_pretrained(args.model_path, "--model_path")
         converted = AutoModelForCausalLM.from_pretrained(output)
     elif args.command == "from_hf":
         import_hf(args.model_path, output)
         reference = AutoModelForCausalLM.from_pretrained(args.model_path)
-        converted = MiniMindForCausalLM.from_pretrained(output)
+        converted = load_pretrained(output, "--output_dir")
     else:
         merge_adapter(args.model_path, output, args.base_model_path)
         reference = adapted_model(args.model_path, args.base_model_path)
-        converted = MiniMindForCausalLM.from_pretrained(output)
+        converted = load_pretrained(output, "--output_dir")
     difference = require_same_logits(reference, converted, output, device)
     print(f"wrote {output} ({type(converted).__name__}); its logits equal the original's "
           f"(max |difference| {difference:.2e})")

@@ -17,11 +17,12 @@ prompt (same sampling settings, same seed).
 import argparse
 import json
 import re
+import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from queue import Queue
 from threading import Event, Thread
-from typing import Iterator
+from typing import Callable, Iterator, NoReturn
 
 import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
@@ -33,6 +34,16 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 # A byte-level tokenizer decodes an unfinished UTF-8 character (its first bytes only) to this replacement character
 UNFINISHED_CHARACTER = "\ufffd"
+
+
+def serve_extra_missing(error: ModuleNotFoundError, parse_args: Callable, module_name: str) -> NoReturn:
+    """What the web demo and the server do when a library of the serve extra is not installed: run as a script
+    (`module_name` "__main__"), answer --help through `parse_args`, else exit with one line saying what to install;
+    imported, raise `error`."""
+    if module_name != "__main__":
+        raise error
+    parse_args()
+    raise SystemExit(f'error: {error.name} is not installed; install the serving libraries: pip install -e ".[serve]"')
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +155,7 @@ def safe_prefix(text: str, markers: list[str]) -> tuple[int, bool]:
 
 class _TokenQueue(BaseStreamer):
     """A `generate` streamer that hands each new token id to another thread through a queue (the prompt,
-    which `generate` passes first, is skipped); None marks the end."""
+    which `generate` passes first, is skipped); None marks the end, an Exception a failed generation."""
 
     def __init__(self):
         self.queue: Queue = Queue()
@@ -158,17 +169,18 @@ class _TokenQueue(BaseStreamer):
             self.queue.put(token)
 
     def end(self) -> None:
-        self.queue.put(None)
+        pass  # the generating thread puts the end marker itself, in a `finally`, however generation ends
 
 
-class _StopOnEvent(StoppingCriteria):
-    """Ends generation after the current token once `event` is set (a stop string seen, a client gone)."""
+class _StopWhen(StoppingCriteria):
+    """Ends generation after the current token once `should_stop()` is true (a stop string seen, a client gone,
+    the deadline passed)."""
 
-    def __init__(self, event: Event):
-        self.event = event
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 class ReplyStream:
@@ -182,12 +194,16 @@ class ReplyStream:
             divided by it (multiplied when negative); 1.0 is off.
         stop: strings that end the reply where they first appear (they are not part of it).
         parse_tools: take <tool_call> blocks out of the answer into `tool_calls` (held back while streaming).
-        seed: seeds torch's generator right before generating, for reproducible sampling.
+        seed: seeds torch's generator right before generating, for reproducible sampling (torch takes
+            -2**63 to 2**64 - 1; another value ends the reply with the error torch raises).
         lock: held while the model generates, so requests from several threads take turns on one model.
+        timeout_s: seconds from now (waiting for the lock included) after which generation ends after the current
+            token, as at max_new_tokens (finish_reason "length"); None: no deadline.
 
     After the iteration: `token_ids` (the generated ids, a final <|im_end|> included: the completion's token
     count), `reasoning`, `content`, `tool_calls` ([{"name", "arguments"}]) and `finish_reason` ("stop": end of
-    turn or a stop string, "length": max_new_tokens reached, "tool_calls").
+    turn or a stop string, "length": max_new_tokens, the deadline or `cancel()` reached, "tool_calls").
+    An error in the generating thread is raised by the iteration.
 
     Generation runs in a thread; the pieces are the decoded text of the tokens so far, less an unfinished UTF-8
     character and less any end that may still become a stop string or a marker, so they add up exactly to
@@ -196,8 +212,11 @@ class ReplyStream:
 
     def __init__(self, model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, stop: list[str] = (),
-                 parse_tools: bool = False, seed: int | None = None, lock: AbstractContextManager | None = None):
+                 parse_tools: bool = False, seed: int | None = None, lock: AbstractContextManager | None = None,
+                 timeout_s: float | None = None):
         self.model, self.tokenizer, self.prompt = model, tokenizer, prompt_ids
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._stop = Event()  # set by cancel(), or when the reader leaves early
         self.generate_options = dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
                                      **sampling_options(temperature, top_p))
         self.eos_ids = [tokenizer.eos_token_id, tokenizer.pad_token_id]  # <|im_end|> ends a turn, <|endoftext|> a text
@@ -230,6 +249,11 @@ class ReplyStream:
         finally:
             tokens.close()  # stops the generating thread when the reply ends early (a stop string, a closed client)
 
+    def cancel(self) -> None:
+        """End generation after the current token (the client is gone), or before it starts if it waits for the
+        lock; the reply ends as at max_new_tokens. Safe to call from any thread, at any time."""
+        self._stop.set()
+
     def complete(self) -> "ReplyStream":
         """Generate the whole reply without looking at the pieces; return self, its fields filled."""
         for _ in self:
@@ -256,28 +280,33 @@ class ReplyStream:
 
     def _tokens(self) -> Iterator[int]:
         """Run `model.generate` in a thread; yield its new token ids as they come."""
-        streamer, stop = _TokenQueue(), Event()
-        Thread(target=self._generate, args=(streamer, stop), daemon=True).start()
+        streamer = _TokenQueue()
+        Thread(target=self._generate, args=(streamer,), daemon=True).start()
         try:
             while (token := streamer.queue.get()) is not None:
                 if isinstance(token, Exception):
                     raise token
                 yield token
         finally:
-            stop.set()
+            self._stop.set()
 
-    def _generate(self, streamer: _TokenQueue, stop: Event) -> None:
-        with self.lock:
-            if stop.is_set():  # the reader left while this request waited for the model
-                return
-            if self.seed is not None:
-                torch.manual_seed(self.seed)
-            input_ids = torch.tensor([self.prompt], device=self.model.device)
-            try:
+    def _should_stop(self) -> bool:
+        return self._stop.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    def _generate(self, streamer: _TokenQueue) -> None:
+        try:
+            with self.lock:
+                if self._should_stop():  # cancelled, or out of time, while this request waited for the model
+                    return
+                if self.seed is not None:
+                    torch.manual_seed(self.seed)
+                input_ids = torch.tensor([self.prompt], device=self.model.device)
                 self.model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                     eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
-                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]), **self.generate_options,
+                    stopping_criteria=StoppingCriteriaList([_StopWhen(self._should_stop)]), **self.generate_options,
                 )
-            except Exception as error:  # handed to the reading thread, which raises it
-                streamer.queue.put(error)
+        except Exception as error:  # handed to the reading thread, which raises it
+            streamer.queue.put(error)
+        finally:  # whatever happened above, the reader must not wait for a token forever
+            streamer.queue.put(None)

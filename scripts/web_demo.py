@@ -1,8 +1,12 @@
 """Chat with a trained checkpoint in the browser (Streamlit): replies streamed token by token, multi-turn.
 
-    streamlit run scripts/web_demo.py                                   # then open http://localhost:8501
+    python scripts/web_demo.py --model_path out/full_sft_256           # then open http://127.0.0.1:8501
+    python scripts/web_demo.py --host 0.0.0.0 --port 8000              # open to other machines, on purpose
     streamlit run scripts/web_demo.py -- --model_path out/full_sft_256 --device cpu --temperature 0.7
-    python scripts/web_demo.py --model_path out/full_sft_256           # the same: starts `streamlit run`
+
+The demo listens on 127.0.0.1 (this machine only) and sends Streamlit no usage statistics: `python
+scripts/web_demo.py` passes --host and --port to `streamlit run`, and `streamlit run` itself reads
+scripts/.streamlit/config.toml, which says the same (open it with `streamlit run --server.address 0.0.0.0`).
 
 The sidebar picks the checkpoint (a directory under --out_dir that holds config.json or a LoRA adapter's
 adapter_config.json, or any checkpoint path typed in) and sets the system prompt, temperature, top_p,
@@ -16,14 +20,12 @@ import sys
 from pathlib import Path
 from threading import Lock
 
-import streamlit as st
-from streamlit import runtime
-from streamlit.web import cli as streamlit_cli
-
 from model.loading import load_checkpoint
-from scripts.generation import REPO_ROOT, ReplyStream, add_chat_flags, add_checkpoint_flags, build_messages, prompt_ids
+from scripts.generation import (REPO_ROOT, ReplyStream, add_chat_flags, add_checkpoint_flags, build_messages,
+                                serve_extra_missing, prompt_ids)
 
 CURSOR = "▌"  # shown at the end of a reply while it streams
+LOCALHOST, DEFAULT_PORT = "127.0.0.1", 8501
 
 
 def parse_args(argv=None):
@@ -32,7 +34,21 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", default=str(REPO_ROOT / "out"),
                         help="directory whose checkpoint subdirectories the sidebar lists (default: %(default)s)")
     add_chat_flags(parser)
+    parser.add_argument("--host", default=None,
+                        help=f"address to listen on, with `python scripts/web_demo.py`; 0.0.0.0 opens the demo to "
+                             f"other machines (default: {LOCALHOST}; under `streamlit run` use --server.address)")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"TCP port, with `python scripts/web_demo.py` (default: {DEFAULT_PORT}; under "
+                             "`streamlit run` use --server.port)")
     return parser.parse_args(argv)
+
+
+try:  # imported after the flags are defined, so that --help works without the serve extra
+    import streamlit as st
+    from streamlit import runtime
+    from streamlit.web import cli as streamlit_cli
+except ModuleNotFoundError as missing:
+    serve_extra_missing(missing, parse_args, __name__)
 
 
 def checkpoint_dirs(out_dir: str | Path) -> list[str]:
@@ -112,6 +128,11 @@ def stream_answer(model, tokenizer, lock: Lock, history: list[dict], settings: d
 def main() -> None:
     args = parse_args(sys.argv[1:])
     st.set_page_config(page_title="MiniMind chat")
+    bound = st.get_option("server.address"), st.get_option("server.port")
+    if (args.host or bound[0], args.port or bound[1]) != bound:  # given after `streamlit run ... --`: too late
+        st.error("--host and --port are flags of `python scripts/web_demo.py`; with `streamlit run`, give "
+                 "--server.address and --server.port before the `--`.")
+        st.stop()
     settings = sidebar(args)
     if not settings["model_path"]:
         st.info(f"No checkpoint in {args.out_dir}: train one (python trainer/train_full_sft.py) or type a path "
@@ -122,6 +143,9 @@ def main() -> None:
     except SystemExit as error:  # load_checkpoint's one-line message for a directory that is no checkpoint
         st.error(str(error))
         st.stop()
+    except (OSError, ValueError) as error:  # what transformers raises for files it cannot read: one line of it
+        st.error(f"{settings['model_path']} could not be loaded as a checkpoint: {str(error).splitlines()[0]}")
+        st.stop()
     history = st.session_state.setdefault("history", [])
     for message in history:
         show_message(message, settings["show_thinking"])
@@ -131,10 +155,21 @@ def main() -> None:
         history.append(stream_answer(model, tokenizer, lock, history, settings))
 
 
+def launch(argv: list[str]) -> None:
+    """`python scripts/web_demo.py [flags]`: check the flags, then run `streamlit run` on this file, listening on
+    --host and --port, with the flags passed on to the app (scripts/.streamlit/config.toml turns Streamlit's usage
+    statistics off). Exits when Streamlit does."""
+    args = parse_args(argv)
+    host, port = args.host or LOCALHOST, args.port or DEFAULT_PORT
+    if host not in (LOCALHOST, "localhost"):
+        print(f"warning: the web demo listens on {host}:{port}, so whoever can reach this machine there can use "
+              "the model", file=sys.stderr)
+    sys.argv = ["streamlit", "run", __file__, "--server.address", host, "--server.port", str(port), "--", *argv]
+    sys.exit(streamlit_cli.main())
+
+
 if __name__ == "__main__":
     if runtime.exists():  # started by `streamlit run`
         main()
-    else:  # started by `python scripts/web_demo.py [flags]`: check the flags, then hand over to `streamlit run`
-        parse_args()
-        sys.argv = ["streamlit", "run", __file__, "--", *sys.argv[1:]]
-        sys.exit(streamlit_cli.main())
+    else:
+        launch(sys.argv[1:])

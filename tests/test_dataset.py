@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from conftest import write_jsonl
 from dataset.lm_dataset import (IGNORE_INDEX, DataFormatError, DPODataset, PretrainDataset, SFTDataset,
                                 check_pretrain_record, check_sft_record, document_position_ids, read_jsonl)
 
@@ -16,16 +17,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SEP = 0  # <|endoftext|>
 STORIES = ["once upon a time there was a cat.", "床前明月光，疑是地上霜。", "the dog ran to the park.",
            "a bird sang.", "举头望明月，低头思故乡。", "tom and lily built a big red boat together."] * 4
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(REPO_ROOT / "model" / "tokenizer")
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def chat(*turns: str, system: str | None = None) -> list[dict]:

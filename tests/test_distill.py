@@ -15,8 +15,9 @@ import safetensors.torch
 import torch
 from transformers import AutoTokenizer
 
-from dataset.lm_dataset import IGNORE_INDEX, SFTDataset
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from conftest import tiny_model
+from dataset.lm_dataset import SFTDataset
+from model.model_minimind import IGNORE_INDEX
 from trainer import train_distill
 from trainer.checkpoint import save_weights
 from trainer.train_distill import distillation_loss, load_teacher, student_teacher_loss
@@ -31,14 +32,6 @@ STUDENT = ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_h
            "--warmup_steps", "2"]
 
 
-def tiny_model(vocab_size: int, use_moe: bool = False, seed: int = 0) -> MiniMindForCausalLM:
-    """A 64-wide, 2-layer MiniMind with seeded random weights."""
-    torch.manual_seed(seed)
-    return MiniMindForCausalLM(MiniMindConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=2, use_moe=use_moe,
-                                              pad_token_id=0, eos_token_id=2, bos_token_id=1))
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     """The first lines of the shipped SFT files: real conversations, few enough for runs of a few seconds."""
@@ -51,10 +44,9 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def save_dir(tmp_path_factory) -> Path:
+def save_dir(tmp_path_factory, tokenizer) -> Path:
     """A --save_dir holding two teachers with the shipped tokenizer: full_sft_64 (dense) and full_sft_64_moe."""
     directory = tmp_path_factory.mktemp("out")
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     save_weights(tiny_model(len(tokenizer)), tokenizer, directory / "full_sft_64")
     save_weights(tiny_model(len(tokenizer), use_moe=True), tokenizer, directory / "full_sft_64_moe")
     return directory
@@ -132,8 +124,7 @@ def test_soft_term_gradient_is_temperature_times_probability_difference():
     assert torch.allclose(student.grad, expected, atol=1e-7)
 
 
-def test_gradient_reaches_the_student_only_and_the_kl_of_a_model_with_itself_is_zero(data):
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+def test_gradient_reaches_the_student_only_and_the_kl_of_a_model_with_itself_is_zero(data, tokenizer):
     dataset = SFTDataset(data["sft"], tokenizer, max_seq_len=64)
     batch = dataset.collate([dataset[i] for i in range(3)])
     student = tiny_model(len(tokenizer), seed=1)
@@ -153,8 +144,21 @@ def test_gradient_reaches_the_student_only_and_the_kl_of_a_model_with_itself_is_
     assert loss.item() == pytest.approx(0.5 * metrics["lm_loss"].item(), rel=1e-6)
 
 
+def test_moe_student_adds_its_router_loss_to_the_distillation_loss(data, tokenizer):
+    dataset = SFTDataset(data["sft"], tokenizer, max_seq_len=64)
+    batch = dataset.collate([dataset[i] for i in range(3)])
+    student = tiny_model(len(tokenizer), seed=1, use_moe=True)
+    teacher = tiny_model(len(tokenizer), seed=2).eval().requires_grad_(False)
+    loss, metrics = student_teacher_loss(student, teacher, batch, alpha=0.5, temperature=2.0)
+    assert metrics["distill_loss"].item() == pytest.approx(0.5 * metrics["lm_loss"].item() +
+                                                           0.5 * 2.0**2 * metrics["kl_loss"].item(), rel=1e-6)
+    coef = student.config.router_aux_loss_coef
+    assert metrics["aux_loss"] > 0
+    assert loss.item() == pytest.approx(metrics["distill_loss"].item() + coef * metrics["aux_loss"].item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("teacher_use_moe", [0, 1])
-def test_distill_a_smaller_student_from_scratch(data, save_dir, tmp_path, teacher_use_moe):
+def test_distill_a_smaller_student_from_scratch(data, save_dir, tokenizer, tmp_path, teacher_use_moe):
     teacher_file = save_dir / f"full_sft_64{'_moe' if teacher_use_moe else ''}" / "model.safetensors"
     teacher_before = safetensors.torch.load_file(teacher_file)
     out = tmp_path / "out"
@@ -165,8 +169,7 @@ def test_distill_a_smaller_student_from_scratch(data, save_dir, tmp_path, teache
     assert summary["step"] == 2 and summary["weights_dir"] == str(out / "distill_32")
     student = load_pretrained(out / "distill_32")
     assert (student.config.hidden_size, student.config.num_hidden_layers, student.config.use_moe) == (32, 1, False)
-    assert AutoTokenizer.from_pretrained(out / "distill_32").get_vocab() == \
-        AutoTokenizer.from_pretrained(TOKENIZER).get_vocab()
+    assert AutoTokenizer.from_pretrained(out / "distill_32").get_vocab() == tokenizer.get_vocab()
     records = [json.loads(line) for line in (out / "runs" / "distill_32" / "metrics.jsonl").read_text().splitlines()]
     for record in [record for record in records if "loss" in record]:
         assert record["loss"] == pytest.approx(0.5 * record["lm_loss"] + 0.5 * 2.0**2 * record["kl_loss"], rel=1e-5)
@@ -178,11 +181,11 @@ def test_distill_a_smaller_student_from_scratch(data, save_dir, tmp_path, teache
     assert all(torch.equal(teacher_before[key], teacher_after[key]) for key in teacher_before)
 
 
-def test_teacher_is_found_by_stage_name_and_alpha_one_trains_without_it(data, save_dir, tmp_path):
+def test_teacher_is_found_by_stage_name_and_alpha_one_trains_without_it(data, save_dir, tokenizer, tmp_path):
     args = parse_args("distill", "test", add_flags=train_distill.distill_flags,
                       argv=distill_argv(data, save_dir, tmp_path, "--teacher_use_moe", "1"))
     student = tiny_model(6400)
-    teacher = load_teacher(args, student, AutoTokenizer.from_pretrained(TOKENIZER))
+    teacher = load_teacher(args, student, tokenizer)
     assert teacher.config.use_moe and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
 

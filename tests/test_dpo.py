@@ -13,35 +13,18 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from transformers import AutoTokenizer
 
-from dataset.lm_dataset import IGNORE_INDEX, DataFormatError, DPODataset, check_dpo_record, read_jsonl
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from conftest import tiny_model, write_jsonl
+from dataset.lm_dataset import DataFormatError, DPODataset, check_dpo_record, read_jsonl
+from model.model_minimind import IGNORE_INDEX
 from trainer import train_dpo
 from trainer.checkpoint import save_weights
 from trainer.train_dpo import dpo_batch_loss, dpo_loss, sequence_logprobs
-from trainer.trainer_utils import load_pretrained, run_main
+from trainer.trainer_utils import load_pretrained, load_reference, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dataset" / "data"
 TINY = ["--hidden_size", "64", "--max_seq_len", "64", "--device", "cpu", "--dtype", "float32", "--warmup_steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(REPO / "model" / "tokenizer")
-
-
-def tiny_model(tokenizer, seed: int = 0, use_moe: bool = False) -> MiniMindForCausalLM:
-    torch.manual_seed(seed)
-    return MiniMindForCausalLM(MiniMindConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        use_moe=use_moe, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def shipped_pairs(tmp_path: Path, name: str, lines: int) -> Path:
@@ -107,7 +90,7 @@ def test_sequence_logprobs_sums_the_labelled_next_token_logprobs():
 def test_policy_equal_to_reference_gives_log_2_and_zero_rewards(tokenizer, tmp_path):
     dataset = DPODataset(shipped_pairs(tmp_path, "dpo", 4), tokenizer, 96)
     batch = dataset.collate([dataset[i] for i in range(4)])
-    model = tiny_model(tokenizer)
+    model = tiny_model(len(tokenizer))
     loss, metrics = dpo_batch_loss(model, copy.deepcopy(model).requires_grad_(False), batch, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert {key: value.item() for key, value in metrics.items()} == {
@@ -120,7 +103,7 @@ def test_one_padded_forward_scores_each_reply_as_alone(tokenizer, tmp_path):
     dataset = DPODataset(shipped_pairs(tmp_path, "dpo", 3), tokenizer, 96)
     batch = dataset.collate([dataset[i] for i in range(3)])
     assert "attention_mask" in batch  # the sides have different lengths: padding is in play
-    policy, reference = tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=1)
+    policy, reference = tiny_model(len(tokenizer), seed=0), tiny_model(len(tokenizer), seed=1)
     _, metrics = dpo_batch_loss(policy, reference, batch, beta=0.5)
 
     def alone(model, side):  # (pairs,) log-probabilities from one unpadded forward per sequence
@@ -292,7 +275,7 @@ def test_shipped_pairs_validate_and_load(tokenizer):
 @pytest.fixture
 def sft_save_dir(tokenizer, tmp_path) -> Path:
     """A --save_dir holding a tiny full_sft_64 checkpoint (random weights: DPO only needs a starting point)."""
-    save_weights(tiny_model(tokenizer), tokenizer, tmp_path / "out" / "full_sft_64")
+    save_weights(tiny_model(len(tokenizer)), tokenizer, tmp_path / "out" / "full_sft_64")
     return tmp_path / "out"
 
 
@@ -306,11 +289,11 @@ def dpo_argv(tmp_path, save_dir, *extra) -> list[str]:
 def test_dpo_trains_from_full_sft_and_keeps_the_reference_frozen(tmp_path, sft_save_dir, monkeypatch):
     loaded = []
 
-    def load_reference(directory, *args, **kwargs):
-        loaded.append(load_pretrained(directory, *args, **kwargs))
+    def recording_load_reference(args):
+        loaded.append(load_reference(args))
         return loaded[-1]
 
-    monkeypatch.setattr(train_dpo, "load_pretrained", load_reference)
+    monkeypatch.setattr(train_dpo, "load_reference", recording_load_reference)
     summary = train_dpo.main(dpo_argv(tmp_path, sft_save_dir, "--max_steps", "3", "--learning_rate", "1e-3"))
 
     assert summary["step"] == 3 and summary["weights_dir"] == str(sft_save_dir / "dpo_64")
@@ -339,15 +322,16 @@ def test_dpo_trains_from_full_sft_and_keeps_the_reference_frozen(tmp_path, sft_s
 
 
 def test_moe_policy_adds_the_router_loss(tokenizer, tmp_path):
-    save_weights(tiny_model(tokenizer, use_moe=True), tokenizer, tmp_path / "out" / "full_sft_64_moe")
+    save_weights(tiny_model(len(tokenizer), use_moe=True), tokenizer, tmp_path / "out" / "full_sft_64_moe")
     train_dpo.main(dpo_argv(tmp_path, tmp_path / "out", "--use_moe", "1", "--max_steps", "2", "--eval_data_path", ""))
     config = json.loads((tmp_path / "out" / "full_sft_64_moe" / "config.json").read_text())
-    records = (tmp_path / "out" / "runs" / "dpo_64_moe" / "metrics.jsonl").read_text().splitlines()
+    lines = (tmp_path / "out" / "runs" / "dpo_64_moe" / "metrics.jsonl").read_text().splitlines()
+    records = [record for record in map(json.loads, lines) if "loss" in record]  # the steps' records
     assert len(records) == 2
-    for record in map(json.loads, records):
+    for record in records:
         assert record["loss"] == pytest.approx(record["dpo_loss"] + config["router_aux_loss_coef"] * record["aux_loss"],
                                                rel=1e-6)
-    assert json.loads(records[0])["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_mismatched_prompts_end_the_run_with_one_line_naming_file_and_line(tmp_path, sft_save_dir):

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
+from conftest import tiny_model
 from dataset.lm_dataset import DataFormatError, read_jsonl
 from eval import eval_bench
 from eval.eval_bench import (TASKS, build_prompt, check_choice_record, check_math_example, check_math_record,
@@ -25,11 +25,6 @@ from trainer.checkpoint import save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_DATA = REPO / "eval" / "data"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(REPO / "model" / "tokenizer")
 
 
 class BigramModel(torch.nn.Module):
@@ -111,12 +106,6 @@ def test_chat_template_puts_the_question_in_a_user_turn_and_the_choice_right_aft
     assert sorted(model.rows_read) == sorted(expected_rows)
 
 
-def tiny_minimind(vocab_size: int = 96) -> MiniMindForCausalLM:
-    torch.manual_seed(0)
-    return MiniMindForCausalLM(MiniMindConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=2)).eval()
-
-
 def unbatched_score(model, context: list[int], continuation: list[int]) -> float:
     """One forward pass of context + continuation, no padding, summing the continuation's log-probabilities."""
     tokens = torch.tensor([context + continuation])
@@ -126,7 +115,7 @@ def unbatched_score(model, context: list[int], continuation: list[int]) -> float
 
 
 def test_batched_right_padded_scores_equal_one_at_a_time_forward_passes():
-    model = tiny_minimind()
+    model = tiny_model(96, hidden_size=32).eval()
     generator = torch.Generator().manual_seed(1)
     requests = [(torch.randint(3, 96, (n_context,), generator=generator).tolist(),
                  torch.randint(3, 96, (n_continuation,), generator=generator).tolist())
@@ -139,7 +128,7 @@ def test_batched_right_padded_scores_equal_one_at_a_time_forward_passes():
 
 
 def test_long_context_loses_its_beginning_and_the_continuation_is_still_scored_whole():
-    model = tiny_minimind()
+    model = tiny_model(96, hidden_size=32).eval()
     context, continuation = list(range(3, 40)), [50, 51, 52]
     [score] = continuation_log_likelihoods(model, [(context, continuation)], max_len=10)
     assert score == pytest.approx(unbatched_score(model, context[-7:], continuation), abs=1e-4)

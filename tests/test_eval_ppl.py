@@ -9,21 +9,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 
-from dataset.lm_dataset import IGNORE_INDEX, DataFormatError, build_assistant_labels
+from conftest import tiny_model
+from dataset.lm_dataset import DataFormatError, build_assistant_labels
 from eval import eval_ppl
 from eval.eval_ppl import evaluate_file, negative_log_likelihood, scored_sequences, sliding_windows, summarize
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from model.model_minimind import IGNORE_INDEX
 from trainer.checkpoint import save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dataset" / "data"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(REPO / "model" / "tokenizer")
 
 
 def head(source: Path, target: Path, lines: int) -> Path:
@@ -41,12 +36,6 @@ class UniformModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab_size))
-
-
-def tiny_model(vocab_size: int) -> MiniMindForCausalLM:
-    torch.manual_seed(0)
-    return MiniMindForCausalLM(MiniMindConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=2)).eval()
 
 
 @pytest.mark.parametrize("name", ["pretrain_test", "sft_test"])
@@ -104,7 +93,7 @@ def test_sliding_windows_score_every_token_exactly_once_within_the_window_length
 
 
 def test_window_scores_equal_the_full_sequence_scores_when_the_window_covers_it(tokenizer, tmp_path):
-    model = tiny_model(len(tokenizer))
+    model = tiny_model(len(tokenizer), hidden_size=32).eval()
     data = head(DATA / "pretrain_test.jsonl", tmp_path / "p.jsonl", 3)
     sequences = scored_sequences(data, tokenizer, "pretrain")
     # direct: each document in one forward pass
@@ -136,7 +125,7 @@ def test_bad_line_names_file_and_line(tokenizer, tmp_path):
 
 
 def test_command_line_on_a_saved_checkpoint_writes_the_figures(tokenizer, tmp_path, capsys):
-    save_weights(tiny_model(len(tokenizer)), tokenizer, tmp_path / "ckpt")
+    save_weights(tiny_model(len(tokenizer), hidden_size=32).eval(), tokenizer, tmp_path / "ckpt")
     data = head(DATA / "pretrain_test.jsonl", tmp_path / "p.jsonl", 4)
     result = eval_ppl.main(["--model_path", str(tmp_path / "ckpt"), "--data_path", str(data), "--max_seq_len", "32",
                             "--device", "cpu", "--output", str(tmp_path / "ppl.json")])

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
-from dataset.lm_dataset import IGNORE_INDEX, DataFormatError, SFTDataset
+from conftest import tiny_model, write_jsonl
+from dataset.lm_dataset import DataFormatError, SFTDataset
 from dataset.rl_dataset import PromptDataset, decode_fields
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from model.model_minimind import IGNORE_INDEX
 from trainer import rewards, train_grpo
 from trainer.checkpoint import save_weights
 from trainer.train_grpo import (completion_logprobs, completion_mask, group_advantages, grpo_loss,
@@ -29,23 +30,6 @@ from trainer.train_grpo import (completion_logprobs, completion_mask, group_adva
 REPO = Path(__file__).resolve().parents[1]
 GRPO_DATA = REPO / "dataset" / "data" / "grpo"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(REPO / "model" / "tokenizer")
-
-
-def tiny_model(tokenizer, seed: int = 0) -> MiniMindForCausalLM:
-    torch.manual_seed(seed)
-    return MiniMindForCausalLM(MiniMindConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def prefers_letter_e(prompts: list[str], completions: list[str], **_) -> list[float]:
@@ -151,7 +135,7 @@ QUESTIONS = ["Question: 2 + 2?\nAnswer:", "Question: A farmer has 17 sheep and b
 
 
 def test_completion_logprobs_of_a_left_padded_batch_equal_each_sequence_alone(tokenizer, tmp_path):
-    model = tiny_model(tokenizer).eval()
+    model = tiny_model(len(tokenizer)).eval()
     _, batch = prompt_batch(tokenizer, QUESTIONS, tmp_path)
     completions = torch.tensor([[11, 12, 13, 2], [21, 22, 2, 0]])  # the second ended early: padding after <|im_end|>
     sequences = torch.cat([batch["input_ids"], completions], dim=1)
@@ -167,7 +151,7 @@ def test_completion_logprobs_of_a_left_padded_batch_equal_each_sequence_alone(to
 
 
 def test_batched_sampling_continues_each_prompt_as_alone(tokenizer, tmp_path):
-    model = tiny_model(tokenizer)
+    model = tiny_model(len(tokenizer))
     _, batch = prompt_batch(tokenizer, QUESTIONS, tmp_path)
     greedy = GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=[2, 0], pad_token_id=0)
     sequences, attention_mask, num_tokens = sample_completions(model, batch, greedy, num_generations=3)
@@ -332,7 +316,7 @@ def grpo_argv(tmp_path: Path, *flags: str) -> list[str]:
 @pytest.fixture
 def sft_checkpoint(tokenizer, tmp_path) -> Path:
     """A tiny full_sft_64 checkpoint with random weights under tmp_path/out."""
-    save_weights(tiny_model(tokenizer), tokenizer, tmp_path / "out" / "full_sft_64")
+    save_weights(tiny_model(len(tokenizer)), tokenizer, tmp_path / "out" / "full_sft_64")
     return tmp_path / "out" / "full_sft_64"
 
 
@@ -344,6 +328,7 @@ def test_mean_reward_rises_with_a_reward_given_by_import_path(tmp_path, sft_chec
                             text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "out" / "runs" / "grpo_64" / "metrics.jsonl").open()]
+    records = [record for record in records if "loss" in record]  # the steps' records
     assert [r["step"] for r in records] == list(range(1, 17))
     assert {"reward_prefers_letter_e", "reward_std", "kl", "clip_fraction", "completion_length"} <= set(records[0])
     assert records[0]["kl"] == pytest.approx(0, abs=1e-6)  # the first group is scored by the reference itself
@@ -354,16 +339,15 @@ def test_mean_reward_rises_with_a_reward_given_by_import_path(tmp_path, sft_chec
 
 
 def test_moe_policy_adds_the_router_loss(tokenizer, tmp_path):
-    torch.manual_seed(0)
-    model = MiniMindForCausalLM(MiniMindConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        use_moe=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    model = tiny_model(len(tokenizer), use_moe=True)
     save_weights(model, tokenizer, tmp_path / "out" / "full_sft_64_moe")
     train_grpo.main(grpo_argv(tmp_path, "--use_moe", "1", "--max_steps", "2", "--max_new_tokens", "8",
                               "--num_generations", "2", "--reward_funcs", "test_grpo:prefers_letter_e"))
     coef = model.config.router_aux_loss_coef
-    for line in (tmp_path / "out" / "runs" / "grpo_64_moe" / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    lines = (tmp_path / "out" / "runs" / "grpo_64_moe" / "metrics.jsonl").read_text().splitlines()
+    records = [record for record in map(json.loads, lines) if "loss" in record]  # the steps' records
+    assert len(records) == 2
+    for record in records:
         assert record["aux_loss"] > 0
         assert record["loss"] == pytest.approx(record["grpo_loss"] + coef * record["aux_loss"], rel=1e-6)
 

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_balancing_loss
+from model.model_minimind import (IGNORE_INDEX, MiniMindConfig, MiniMindForCausalLM, load_balancing_loss,
+                                  next_token_loss, token_logprobs)
 
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
@@ -119,6 +120,22 @@ def test_labels_are_shifted_inside_and_ignore_index_is_skipped():
     log_probs = out.logits[0].log_softmax(-1)
     by_hand = -torch.stack([log_probs[t - 1, input_ids[0, t]] for t in range(4, 10)]).mean()
     assert out.loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_token_logprobs_is_the_shifted_log_softmax_and_sums_to_next_token_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 11, dtype=torch.bfloat16)  # the dtype of autocast: the result is float32 anyway
+    labels = torch.randint(0, 11, (2, 7))
+    labels[0, :3] = IGNORE_INDEX  # a prompt: positions 0 and 1 score nothing
+    labels[1, 5:] = IGNORE_INDEX  # padding: positions 4 and 5 score nothing
+    logprobs = token_logprobs(logits, labels)
+    assert logprobs.shape == (2, 7) and logprobs.dtype == torch.float32
+
+    scored = labels[:, 1:] != IGNORE_INDEX  # position t scores labels[t + 1]
+    by_hand = logits[:, :-1].float().log_softmax(-1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(logprobs[:, :-1], by_hand.where(scored, 0.0))
+    assert (logprobs[:, -1] == 0).all()  # the last position has no next token
+    assert (-logprobs.sum() / scored.sum()).item() == pytest.approx(next_token_loss(logits, labels).item(), rel=1e-6)
 
 
 def test_tied_embeddings_and_dense_has_no_aux_loss():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoTokenizer
 
 from dataset.cleaning import (CleanConfig, clean_records, corpus_stats, detect_language, mask_pii, minhash,
                               near_duplicates, normalize_unicode, remove_control_characters)
@@ -27,11 +26,6 @@ RAW = REPO_ROOT / "dataset" / "data" / "raw"
 BOOK = RAW / "alice_in_wonderland.txt"
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 ONLY_DEDUP = dict(normalize="none", dedup=True, near_dedup=True)  # a CleanConfig with no filter but deduplication
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(REPO_ROOT / "model" / "tokenizer")
 
 
 @pytest.fixture(scope="module")

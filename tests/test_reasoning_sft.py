@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
+from conftest import tiny_model, write_jsonl
 from dataset.lm_dataset import IGNORE_INDEX, DataFormatError, SFTDataset
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from model.model_minimind import MiniMindForCausalLM
 from trainer import train_full_sft
 from trainer.checkpoint import save_weights
 from trainer.rewards import final_answer, think_format
@@ -41,11 +41,6 @@ CONVERSATION = [
     {"role": "user", "content": "And half of it?"},
     {"role": "assistant", "content": "204.", "reasoning_content": "408 / 2 = 204."},
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(REPO / "model" / "tokenizer")
 
 
 def upstream_reply(message: dict) -> str:
@@ -97,9 +92,7 @@ def labelled_runs(tokenizer, item: dict) -> list[str]:
 
 
 def sft_file(tmp_path: Path, records: list[dict], name: str = "sft.jsonl") -> Path:
-    path = tmp_path / name
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
+    return write_jsonl(tmp_path / name, records)
 
 
 def test_reasoning_and_tool_calls_render_as_upstream_minimind(tokenizer, tmp_path):
@@ -131,11 +124,7 @@ def test_sft_on_reasoning_data_makes_the_model_think_first(tokenizer, tmp_path):
     """Fine-tuned on replies with reasoning_content, a tiny model answers with <think> ... </think> and the answer."""
     messages = [{"role": "user", "content": "2+2?"},
                 {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]
-    torch.manual_seed(0)
-    model = MiniMindForCausalLM(MiniMindConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
-    save_weights(model, tokenizer, tmp_path / "out" / "pretrain_64")
+    save_weights(tiny_model(len(tokenizer)), tokenizer, tmp_path / "out" / "pretrain_64")
     data = sft_file(tmp_path, [{"conversations": messages}] * 8)
     summary = train_full_sft.main(["--data_path", str(data), "--eval_data_path", "", "--save_dir",
                                    str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "checkpoints"),

@@ -4,19 +4,17 @@ Reasoning and tool calls come from a small model trained to produce them (servin
 
 import json
 import sys
-import threading
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import uvicorn
 
 from model.loading import load_checkpoint
 from scripts.generation import prompt_ids
 from scripts.serve_openai_api import create_app
-from serving_helpers import (REPO, free_port, greedy_ids, random_checkpoint, scripted_checkpoint, shipped_tokenizer,
+from serving_helpers import (REPO, assert_help_and_install_line_without_serve_extra, free_port, greedy_ids, post,
+                             post_chunked, random_checkpoint, scripted_checkpoint, serve_in_thread, shipped_tokenizer,
                              start_server, stop_server)
 
 CAP = 24  # the server's --max_tokens_cap
@@ -48,16 +46,6 @@ def client(server):
     return openai.OpenAI(base_url=server[0], api_key="unused", max_retries=0)
 
 
-def serve_in_thread(app) -> tuple[str, uvicorn.Server, threading.Thread]:
-    """Run `app` under uvicorn on a free localhost port in a thread of this process (no second model load)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        thread.join(0.05)
-    return f"http://127.0.0.1:{server.config.port}/v1", server, thread
-
-
 @pytest.fixture(scope="module")
 def scripted_clients(tmp_path_factory):
     """OpenAI clients of two servers of a model that answers WEATHER (with TOOLS) with TOOL_REPLY and GREETING
@@ -81,16 +69,6 @@ def reference(server, messages: list[dict], max_tokens: int) -> tuple[str, int, 
     ids = greedy_ids(model, tokenizer, prompt, max_tokens)
     assert not set(ids) & {3, 4, 5, 6}, "pick another prompt: this reply has <think> or <tool_call> tokens"
     return tokenizer.decode(ids, skip_special_tokens=True), len(prompt), ids
-
-
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    """POST a raw body to the server; its status and JSON answer."""
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def test_models_lists_the_served_model(client):
@@ -243,3 +221,53 @@ def test_show_thinking_0_leaves_the_reasoning_out(scripted_clients):
                      for client in scripted_clients)
     assert (shown.message.reasoning_content, shown.message.content) == ("A greeting: answer kindly.", "Hello there!")
     assert getattr(hidden.message, "reasoning_content", None) is None and hidden.message.content == "Hello there!"
+
+
+@pytest.mark.parametrize("seed, status", [(2**70, 400), (2**63, 400), (-2**63 - 1, 400),
+                                          (2**63 - 1, 200), (-2**63, 200)])
+def test_seed_must_be_a_signed_64_bit_integer(server, seed, status):
+    # 2**70 once made torch.manual_seed raise in the generating thread and the request never returned
+    body = {"model": "tiny_random", "messages": GREETING, "max_tokens": 2, "temperature": 1, "seed": seed}
+    code, answer = post(f"{server[0]}/chat/completions", json.dumps(body).encode(), timeout=30)
+    assert code == status
+    if status == 400:
+        assert (answer["error"]["type"], answer["error"]["param"]) == ("invalid_request_error", "seed")
+
+
+def conversation_of(tokenizer, prompt_tokens: int) -> list[dict]:
+    """One user message whose prompt, chat template included, is exactly `prompt_tokens` tokens."""
+    def length(words: int) -> int:
+        return len(prompt_ids(tokenizer, [{"role": "user", "content": " hello" * words}]))
+    assert length(2) == length(1) + 1  # one token a word
+    messages = [{"role": "user", "content": " hello" * (prompt_tokens - length(1) + 1)}]
+    assert len(prompt_ids(tokenizer, messages)) == prompt_tokens
+    return messages
+
+
+@pytest.mark.parametrize("prompt_tokens, max_tokens", [(40_000, None), (32_768, None), (32_760, 9)])
+def test_a_request_beyond_the_context_gets_context_length_exceeded(server, prompt_tokens, max_tokens):
+    _, model, tokenizer, _ = server
+    assert model.config.max_position_embeddings == 32_768
+    body = {"model": "tiny_random", "messages": conversation_of(tokenizer, prompt_tokens)}
+    code, answer = post(f"{server[0]}/chat/completions",
+                        json.dumps(body | ({"max_tokens": max_tokens} if max_tokens else {})).encode(), timeout=30)
+    assert code == 400
+    assert {key: answer["error"][key] for key in ("type", "param", "code")} == {
+        "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
+    assert f"maximum context length is 32768 tokens, but the request needs {prompt_tokens + (max_tokens or 1)}" \
+        in answer["error"]["message"]
+
+
+def test_a_body_over_max_request_bytes_gets_413_and_the_server_lives_on(server, client):
+    two_megabytes = [{"role": "user", "content": "x" * 2_000_000}]  # over the default limit, 1 MiB
+    with pytest.raises(openai.APIStatusError) as raised:  # its Content-Length says so: refused before it is read
+        client.chat.completions.create(model="tiny_random", messages=two_megabytes, max_tokens=1, timeout=30)
+    assert raised.value.status_code == 413 and "--max_request_bytes" in raised.value.message
+    body = json.dumps({"model": "tiny_random", "messages": two_megabytes}).encode()
+    code, answer = post_chunked(f"{server[0]}/chat/completions", body, timeout=30)  # no Content-Length
+    assert code == 413 and "--max_request_bytes" in answer["error"]["message"]
+    assert client.chat.completions.create(model="tiny_random", messages=GREETING, max_tokens=2, timeout=30).choices
+
+
+def test_without_the_serve_extra_help_works_and_a_run_says_what_to_install():
+    assert_help_and_install_line_without_serve_extra(REPO / "scripts" / "serve_openai_api.py", "--max_request_bytes")

@@ -14,11 +14,6 @@ CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</t
                   "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(REPO_ROOT / "model" / "tokenizer")
-
-
 @pytest.mark.parametrize("text", [
     "once upon a time, there was a little cat named tom.",
     "Hello, World!\n\n\tIndented  double  spaces, trailing space ",

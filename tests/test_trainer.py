@@ -16,11 +16,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from dataset.lm_dataset import PretrainDataset
+from dataset.lm_dataset import DataFormatError, PretrainDataset, read_jsonl
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer import train_pretrain
 from trainer.checkpoint import save_weights, write_dir_atomically
-from trainer.trainer_utils import cosine_lr, epoch_batches, load_model, parse_args, train
+from trainer.trainer_utils import cosine_lr, epoch_batches, load_model, parse_args, resolve_weight_dir, train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dataset" / "data"
@@ -218,13 +218,55 @@ def run_script(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("flag, message", [
     (["--from_weight", "pretrain"], "--from_weight pretrain: no checkpoint at"),
-    (["--from_weight", "none", "--data_path", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--from_weight", "none", "--data_path", "missing.jsonl"], "--data_path missing.jsonl: no such file"),
 ])
 def test_user_mistakes_end_in_one_line_and_nonzero_exit(tmp_path, flag, message):
     result = run_script("trainer/train_full_sft.py", "--save_dir", str(tmp_path), *flag, *TINY)
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_missing_stage_names_the_script_that_makes_it_and_the_checkpoints_there(pretrained):
+    # reason_sft is the README's name for a full SFT run with --save_weight reason_sft: no train_reason_sft.py
+    with pytest.raises(SystemExit, match=r"--from_weight reason_sft: no checkpoint at .*reason_sft_64; python "
+                                         r"trainer/train_full_sft.py --from_weight full_sft --save_weight reason_sft "
+                                         r"makes it; .* holds (full_sft_64, )?pretrain_64$"):
+        resolve_weight_dir("reason_sft", str(pretrained), 64, False)
+    with pytest.raises(SystemExit, match="--from_weight lora_identity: .*; python trainer/train_lora.py makes it"):
+        resolve_weight_dir("lora_identity", str(pretrained), 64, False)
+    # the same stage at another width: named, with the flag that picks it
+    with pytest.raises(SystemExit, match=r"--from_weight pretrain: no checkpoint at .*pretrain_512, but .* has "
+                                         r"pretrain_64 \(--hidden_size 64\); pass that shape or a directory"):
+        resolve_weight_dir("pretrain", str(pretrained), 512, False)
+
+
+def test_shape_flags_a_checkpoint_overrides_are_named_in_one_line(pretrained, capsys):
+    checkpoint = str(pretrained / "pretrain_64")
+    parse_args("full_sft", "test", argv=["--from_weight", checkpoint, "--hidden_size", "512", "--num_hidden_layers",
+                                         "8", "--device", "cpu"])
+    assert (f"--hidden_size, --num_hidden_layers ignored: --from_weight {checkpoint} brings its own model shape "
+            "(its config.json); the output is named after its width") in capsys.readouterr().out
+    # a stage name: --hidden_size picks its directory, the other shape flags are ignored
+    parse_args("full_sft", "test", argv=["--from_weight", "pretrain", "--save_dir", str(pretrained), "--hidden_size",
+                                         "64", "--num_hidden_layers", "8", "--device", "cpu"])
+    assert "\n--num_hidden_layers ignored: --from_weight pretrain" in "\n" + capsys.readouterr().out
+    parse_args("full_sft", "test", argv=["--from_weight", checkpoint, "--device", "cpu"])  # defaults: nothing said
+    assert "ignored" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--data_path", "--eval_data_path"])
+def test_a_missing_data_file_is_refused_with_its_flag_before_the_model_is_built(tmp_path, flag):
+    with pytest.raises(SystemExit, match=rf"^{flag} .*missing.jsonl: no such file$"):
+        parse_args("pretrain", "test", argv=[flag, str(tmp_path / "missing.jsonl"), "--device", "cpu"])
+
+
+def test_invalid_json_names_the_column_without_a_doubled_word(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "a tab\tinside"}\n')  # a raw control character in a string
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:1: invalid JSON \(Invalid control character at column "
+                                              r"16\)") as error:
+        read_jsonl(tmp_path / "bad.jsonl", check_record=lambda record: None, skip_bad_lines=False)
+    assert "at at" not in str(error.value)
 
 
 def test_sft_trains_from_the_pretrain_checkpoint(data, pretrained, tmp_path):

@@ -3,21 +3,32 @@ random checkpoint, drives Debian's Chromium headless through Playwright, chats t
 reply against transformers' greedy `generate` on the conversation so far.
 
 A screenshot is written to the test's tmp dir and, when MINIMIND_TEST_ARTIFACTS names a directory, copied there
-as web_demo.png. Needs the chromium package (apt-get install chromium); skipped where it is missing."""
+as web_demo.png. Needs the chromium package (apt-get install chromium); skipped where it is missing.
 
+Without a browser: the address the started demo listens on (read from Linux's /proc/net/tcp), the usage-statistics
+setting its first page gets (Streamlit's websocket protocol, as a browser tab speaks it), and what the page shows
+for a checkpoint it cannot load (Streamlit's AppTest)."""
+
+import asyncio
 import os
 import re
 import shutil
+import socket
 import sys
+from pathlib import Path
 
 import pytest
+import websockets
 from playwright.sync_api import expect, sync_playwright
+from streamlit.proto.BackMsg_pb2 import BackMsg
+from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+from streamlit.testing.v1 import AppTest
 
 from model.loading import load_checkpoint
 from scripts.generation import build_messages, prompt_ids
 from scripts.web_demo import CURSOR, checkpoint_dirs
-from serving_helpers import (REPO, free_port, greedy_ids, random_checkpoint, scripted_checkpoint, shipped_tokenizer,
-                             start_server, stop_server)
+from serving_helpers import (REPO, assert_help_and_install_line_without_serve_extra, free_port, greedy_ids,
+                             random_checkpoint, scripted_checkpoint, shipped_tokenizer, start_server, stop_server)
 
 CHROMIUM = shutil.which("chromium")
 # Without the background-networking flags Chromium keeps calling Google's services and misbehaves offline
@@ -127,3 +138,102 @@ def test_chat_in_the_browser_streams_greedy_replies_and_clears(app, thinking_che
     if os.environ.get("MINIMIND_TEST_ARTIFACTS"):
         os.makedirs(os.environ["MINIMIND_TEST_ARTIFACTS"], exist_ok=True)
         shutil.copy(tmp_path / "web_demo.png", os.environ["MINIMIND_TEST_ARTIFACTS"])
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The addresses TCP sockets listen on at `port` on this machine ('127.0.0.1', '0.0.0.0', '::'...), read from
+    Linux's /proc/net/tcp and tcp6."""
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for row in Path("/proc/net", table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, local_port = local.split(":")
+            if state == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in the kernel's (little-endian) byte order
+                found.add(socket.inet_ntop(family, b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))))
+    return found
+
+
+def gathers_usage_stats(port: int) -> bool:
+    """The usage-statistics setting the demo sends a new browser tab (ForwardMsg new_session), which decides
+    whether the page reports usage to Streamlit."""
+    async def first_session() -> bool:
+        async with websockets.connect(f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"]) as tab:
+            rerun = BackMsg()
+            rerun.rerun_script.query_string = ""
+            await tab.send(rerun.SerializeToString())
+            while True:
+                message = ForwardMsg()
+                message.ParseFromString(await asyncio.wait_for(tab.recv(), timeout=60))
+                if message.WhichOneof("type") == "new_session":
+                    return message.new_session.config.gather_usage_stats
+    return asyncio.run(first_session())
+
+
+@pytest.fixture
+def quiet_streamlit(monkeypatch):
+    """Streamlit settings for a test run, as environment variables (the way to reach `python scripts/web_demo.py`):
+    no browser opened and no e-mail prompt, no file watcher on the checkout."""
+    monkeypatch.setenv("STREAMLIT_SERVER_HEADLESS", "true")
+    monkeypatch.setenv("STREAMLIT_SERVER_FILE_WATCHER_TYPE", "none")
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads Linux's /proc/net/tcp")
+@pytest.mark.parametrize("started_by", ["python", "streamlit run"])
+def test_the_demo_listens_on_localhost_only_and_gathers_no_usage_stats(started_by, quiet_streamlit, tmp_path):
+    directory = random_checkpoint(tmp_path / "tiny_random")
+    port = free_port()
+    script, app_flags = str(REPO / "scripts" / "web_demo.py"), ["--model_path", str(directory), "--device", "cpu"]
+    command = ([sys.executable, script, "--port", str(port), *app_flags] if started_by == "python" else
+               [sys.executable, "-m", "streamlit", "run", script, "--server.port", str(port), "--", *app_flags])
+    process = start_server(command, f"http://127.0.0.1:{port}/_stcore/health", tmp_path / "streamlit.log")
+    try:
+        assert listening_addresses(port) == {"127.0.0.1"}
+        assert gathers_usage_stats(port) is False
+    finally:
+        stop_server(process)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads Linux's /proc/net/tcp")
+def test_host_opens_the_demo_on_that_address_with_a_warning(quiet_streamlit, tmp_path):
+    port = free_port()
+    host = "127.0.0.2"  # another address, still of this machine only (Linux routes all of 127/8 to loopback)
+    process = start_server([sys.executable, str(REPO / "scripts" / "web_demo.py"), "--host", host, "--port",
+                            str(port), "--device", "cpu"], f"http://{host}:{port}/_stcore/health",
+                           tmp_path / "streamlit.log")
+    try:
+        assert listening_addresses(port) == {host}
+    finally:
+        stop_server(process)
+    warnings = [line for line in (tmp_path / "streamlit.log").read_text().splitlines() if "warning" in line]
+    assert warnings == [f"warning: the web demo listens on {host}:{port}, so whoever can reach this machine there "
+                        "can use the model"]
+
+
+def no_weights(directory: Path) -> Path:
+    """A checkpoint directory with its config.json and tokenizer but no model.safetensors."""
+    random_checkpoint(directory)
+    (directory / "model.safetensors").unlink()
+    return directory
+
+
+def unreadable_config(directory: Path) -> Path:
+    """A checkpoint directory whose config.json is not JSON."""
+    random_checkpoint(directory)
+    (directory / "config.json").write_text("{not json")
+    return directory
+
+
+@pytest.mark.parametrize("broken", [no_weights, unreadable_config])
+def test_a_checkpoint_that_cannot_be_loaded_shows_one_sentence_not_a_traceback(broken, tmp_path, monkeypatch):
+    directory = broken(tmp_path / "broken")
+    monkeypatch.setattr(sys, "argv", ["web_demo.py", "--model_path", str(directory), "--out_dir", str(tmp_path),
+                                      "--device", "cpu"])
+    page = AppTest.from_file(str(REPO / "scripts" / "web_demo.py"), default_timeout=120).run()
+    assert not page.exception
+    [error] = page.error
+    assert str(directory) in error.value and "\n" not in error.value and "Traceback" not in error.value
+
+
+def test_without_the_serve_extra_help_works_and_a_run_says_what_to_install():
+    assert_help_and_install_line_without_serve_extra(REPO / "scripts" / "web_demo.py", "--host")

@@ -9,7 +9,14 @@ Two kinds (DESIGN.md, "Checkpoints"):
   `--keep_last` of them. Each holds the model and AdamW state as a `torch.distributed.checkpoint` (DCP) directory,
   keyed by parameter name, so the same state resumes under one process, DDP or FSDP and with another number of
   processes (DCP reshards on load), plus `trainer_state.pt` (step, epoch, position in the epoch, tokens seen,
-  grad scaler, every rank's RNG states, world size, wandb run id). `--from_resume 1` continues from the newest.
+  grad scaler, every rank's RNG states, world size, wandb run id, and the settings that define the run: batch
+  size, accumulation, sequence length, epochs, seed, the data file's size and the hash of its ends, the model's
+  shape). `--from_resume 1` continues from the newest intact one and refuses to continue under other settings.
+
+Every resume state ends with `manifest.json` (the sha256 of each file), and the run writing a resume dir holds
+a lock on it: the checks a state passes before a run continues from it are in `trainer/resume_checks.py`. A
+weights dir saved before its run finished holds `PARTIAL.json` (its step), so that `--from_weight` does not take
+a half-trained stage for a finished one.
 
 Every directory is written under a temporary name and renamed into place in one step, so a kill at any moment
 (during a save included) leaves the previous checkpoints as they were, never a half-written one; temporary
@@ -17,6 +24,7 @@ leftovers of a killed save are removed by the next save. `trainer_state.pt` hold
 values and is read with `torch.load(..., weights_only=True)`, which never unpickles code.
 """
 
+import json
 import os
 import random
 import re
@@ -34,8 +42,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule
 
 from trainer.distributed import is_deepspeed, is_sharded, log, rank_and_world_size
+from trainer.resume_checks import check_same_run, newest_intact_state, write_manifest
 
 RESUME_STATE_FILE = "trainer_state.pt"
+PARTIAL_FILE = "PARTIAL.json"  # in a weights dir saved before its run reached its last step
 DEEPSPEED_TAG = "deepspeed"  # the subdirectory a DeepSpeed engine's resume state is written to
 STEP_DIR = re.compile(r"step_(\d+)")  # a complete resume state; temporary names have a suffix
 # DCP warns on every single-process save and load that it assumes a single process: it is what we ask for
@@ -132,8 +142,11 @@ def save_resume_state(resume_dir: Path, model: torch.nn.Module, optimizer: torch
     else:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp, no_dist=world_size == 1)
+    if world_size > 1:
+        dist.barrier()  # every rank's files are written before rank 0 hashes them
     if rank == 0:
         torch.save({**state, "scaler": scaler.state_dict()}, tmp / RESUME_STATE_FILE)
+        write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a resume
         tmp.rename(final)
         for stale in resume_states(resume_dir)[:-keep_last]:
@@ -184,6 +197,35 @@ def load_trainer_state(directory: Path, scaler: torch.amp.GradScaler) -> dict:
     return state
 
 
+def marked_unfinished(save_weights_fn: Callable, partial: dict) -> Callable:
+    """save_weights_fn that also writes PARTIAL_FILE (`partial`: the step) into the weights dir.
+
+    The marker is written into the temporary directory before the one rename that puts it in place, so at no
+    moment do the weights of an unfinished run stand there unmarked.
+    """
+
+    def save(model, tokenizer, directory: Path) -> None:
+        def write(tmp: Path) -> None:
+            save_weights_fn(model, tokenizer, tmp)
+            (tmp / PARTIAL_FILE).write_text(json.dumps(partial) + "\n")
+
+        write_dir_atomically(directory, write)
+
+    return save
+
+
+def unfinished_step(directory: Path) -> str | None:
+    """The step a weights dir was saved at when its run had not finished ("3 of 10"); None for a finished one."""
+    marker = Path(directory) / PARTIAL_FILE
+    if not marker.is_file():
+        return None
+    try:
+        partial = json.loads(marker.read_text())
+        return f"{partial['step']} of {partial['total_steps']}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "an unknown step"
+
+
 def save_full_weights(model: torch.nn.Module, tokenizer, directory: Path, save_weights_fn: Callable) -> None:
     """Every rank calls it; rank 0 writes the weights dir with `save_weights_fn(model, tokenizer, directory)`.
 
@@ -213,11 +255,17 @@ def save_full_weights(model: torch.nn.Module, tokenizer, directory: Path, save_w
 
 
 def save_checkpoint(model, tokenizer, optimizer, scaler, state: dict, weights_dir: Path, resume_dir: Path,
-                    save_weights_fn: Callable = save_weights, keep_last: int = 2) -> None:
+                    save_weights_fn: Callable = save_weights, keep_last: int = 2,
+                    total_steps: int | None = None) -> None:
     """Save the weights dir (with save_weights_fn) and a resume state; every rank calls it.
 
-    The resume state also holds every rank's RNG states (gathered here) and the world size.
+    The resume state also holds every rank's RNG states (gathered here) and the world size. When `total_steps`
+    is given and state["step"] has not reached it, the weights dir is marked unfinished (PARTIAL_FILE), so a
+    later stage's --from_weight refuses it; the save at the last step writes it without the marker.
     """
+    if total_steps is not None and state["step"] < total_steps:
+        save_weights_fn = marked_unfinished(save_weights_fn, {"step": state["step"], "total_steps": total_steps,
+                                                              "resume_dir": str(resume_dir)})
     world_size = rank_and_world_size()[1]
     device = next(model.parameters()).device
     rngs = [rng_state(device)]
@@ -229,23 +277,43 @@ def save_checkpoint(model, tokenizer, optimizer, scaler, state: dict, weights_di
                       keep_last)
 
 
-def restore_checkpoint(resume_dir: Path, model, optimizer, scaler) -> dict | None:
-    """Load the newest resume state under `resume_dir` into model, optimizer and scaler; return the loop's state.
+def restore_checkpoint(resume_dir: Path, model, optimizer, scaler, run: dict | None = None) -> dict | None:
+    """Load the newest intact resume state under `resume_dir` into model, optimizer and scaler; return the loop's
+    state.
 
-    None when there is none yet. With the same number of processes each rank gets its RNG states back, so the
-    run continues exactly. With a different number the position in the epoch is converted to cover the same
-    global batches (rank r reads batches r, r + world_size, ...), and the RNG streams restart from the seed.
+    None when there is none yet. A state whose files do not match its manifest is reported and the one before it
+    is used. `run` (run_settings of this run) is compared with the saved run's settings first (check_same_run).
+    With the same number of processes each rank gets its RNG states back, so the run continues exactly. With a
+    different number the position in the epoch is converted to cover the same global batches (rank r reads
+    batches r, r + world_size, ...), and the RNG streams restart from the seed.
+    Raises:
+        SystemExit: no intact state, other run settings, a DeepSpeed state under another number of processes.
     """
     states = resume_states(resume_dir)
     if not states:
         return None
     rank, world_size = rank_and_world_size()
-    saved_world_size = torch.load(states[-1] / RESUME_STATE_FILE, weights_only=True)["world_size"]
+    chosen = [None, None]  # rank 0 checks the files once and tells every rank which state (or what failed)
+    if rank == 0:
+        try:
+            chosen[0] = newest_intact_state(resume_dir, states)
+        except SystemExit as error:
+            chosen[1] = str(error)
+    if world_size > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[1] is not None:
+        raise SystemExit(chosen[1])
+    directory = chosen[0]
+    saved = torch.load(directory / RESUME_STATE_FILE, map_location="cpu", weights_only=True)
+    saved_world_size = saved["world_size"]
+    if run is not None and "run" in saved:  # states saved before the settings were kept are not checked
+        check_same_run(saved["run"], run, saved_world_size, world_size, directory)
     if is_deepspeed(model) and saved_world_size != world_size:
-        raise SystemExit(f"--from_resume 1: {states[-1]} holds DeepSpeed partitions of {saved_world_size} processes, "
+        raise SystemExit(f"--from_resume 1: {directory} holds DeepSpeed partitions of {saved_world_size} processes, "
                          f"this run has {world_size}; resume with {saved_world_size}, or use --parallel ddp or fsdp, "
                          "whose resume states open under any number of processes")
-    state = load_resume_state(states[-1], model, optimizer, scaler)
+    state = load_resume_state(directory, model, optimizer, scaler)
+    state.pop("run", None)  # this run's settings stay (the accumulation may differ with another world size)
     rngs, saved_world_size = state.pop("rng"), state.pop("world_size")
     if saved_world_size == world_size:
         set_rng_state(rngs[rank], next(model.parameters()).device)
@@ -253,5 +321,26 @@ def restore_checkpoint(resume_dir: Path, model, optimizer, scaler) -> dict | Non
         state["batch_in_epoch"] = -(-state["batch_in_epoch"] * saved_world_size // world_size)  # ceil
         log(f"the interrupted run had {saved_world_size} processes and this one {world_size}: "
             "it continues at the same place in the data, with fresh random number streams")
-    log(f"resumed from {states[-1]} at step {state['step']}")
+    log(f"resumed from {directory} at step {state['step']}")
     return state
+
+
+def refuse_other_shapes(checkpoint_dir: str | Path, save_weight: str, name: str) -> None:
+    """--from_resume 1 found no state for `name`: refuse when states of another width or MoE setting of the same
+    --save_weight exist, since starting over under a new name is then almost surely a mistyped shape flag.
+
+    Raises:
+        SystemExit: naming those runs and the flags that pick them.
+    """
+    pattern = re.compile(rf"{re.escape(save_weight)}_(\d+)(_moe)?_resume")
+    others = [(found.name.removesuffix("_resume"), found) for found in sorted(Path(checkpoint_dir).glob("*_resume"))
+              if pattern.fullmatch(found.name) and found.name != f"{name}_resume" and resume_states(found)]
+    if others:
+        def flags(found: Path) -> str:  # the flags that give that name
+            width, moe = pattern.fullmatch(found.name).groups()
+            moe_flag = " --use_moe 1" if moe else " --use_moe 0" if name.endswith("_moe") else ""
+            return f"--hidden_size {width}{moe_flag}"
+
+        runs = ", ".join(f"{other} ({flags(found)})" for other, found in others)
+        raise SystemExit(f"--from_resume 1: {checkpoint_dir} has no resume state of {name} but has one of {runs}; "
+                         f"resume with that run's flags, or start {name} with --from_resume 0")

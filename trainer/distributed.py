@@ -22,18 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-
-def resolve_dtype(name: str, device: str) -> str:
-    """The autocast dtype for --dtype `name`: auto picks what the device runs fast.
-
-    bfloat16 on CUDA GPUs that support it (Ampere and newer), float16 on older CUDA GPUs (with a GradScaler),
-    float32 on CPU and MPS: CPUs without native bf16 run bf16 matmuls about 100x slower than fp32.
-    """
-    if name != "auto":
-        return name
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+from model.precision import resolve_dtype
 
 
 def setup_distributed(device: str) -> tuple[int, int, int]:
@@ -61,7 +50,10 @@ def setup_run(args) -> None:
     rank, local_rank, world_size = setup_distributed(args.device)
     if args.device == "cuda" and world_size > 1:
         args.device = f"cuda:{local_rank}"  # one GPU per process
-    args.dtype = resolve_dtype(args.dtype, args.device)
+    choice = [resolve_dtype(args.dtype, args.device)]  # auto: measured on CPU (model/precision.py)
+    if world_size > 1:  # every rank computes in rank 0's dtype, even where their timings differ
+        dist.broadcast_object_list(choice, src=0)
+    args.dtype, args.dtype_reason = choice[0].dtype, choice[0].reason
     random.seed(args.seed + rank)  # ranks draw different dropout masks; DDP copies rank 0's initial weights
     torch.manual_seed(args.seed + rank)
     transformers.utils.logging.disable_progress_bar()  # our progress bar is the only one

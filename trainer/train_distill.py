@@ -47,10 +47,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from dataset.lm_dataset import IGNORE_INDEX, SFTDataset
+from dataset.lm_dataset import SFTDataset
+from model.model_minimind import IGNORE_INDEX, token_logprobs
 from trainer.distributed import log
-from trainer.trainer_utils import (REPO_ROOT, causal_lm_loss, fraction, load_model, load_pretrained, parse_args,
-                                   positive_float, positive_int, resolve_weight_dir, run_main, train, unwrap)
+from trainer.trainer_utils import (REPO_ROOT, causal_lm_loss, fraction, load_frozen, load_model, parse_args,
+                                   positive_float, positive_int, resolve_weight_dir, run_main, train,
+                                   with_router_loss)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Flags
@@ -101,14 +103,13 @@ def load_teacher(args, student: torch.nn.Module, tokenizer) -> torch.nn.Module:
         raise SystemExit(f"--teacher_weight {args.teacher_weight}: the teacher's tokenizer in {directory} differs "
                          f"from the student's in {tokenizer.name_or_path}; distillation compares the two models "
                          f"token by token, so give the student the teacher's tokenizer (--tokenizer_path {directory})")
-    teacher = load_pretrained(directory, flag="--teacher_weight")
+    teacher = load_frozen(directory, args.device, flag="--teacher_weight")
     if teacher.config.vocab_size != student.config.vocab_size:
         raise SystemExit(f"--teacher_weight {args.teacher_weight}: the teacher in {directory} has vocab_size "
                          f"{teacher.config.vocab_size} but the student has {student.config.vocab_size}; their "
                          "logits must cover the same vocabulary")
-    teacher.eval().requires_grad_(False)
     log(f"teacher {directory}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters, frozen")
-    return teacher.to(args.device)
+    return teacher
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,9 +136,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         (loss, ce, kl): scalar tensors in nats per supervised position; nan when no position is supervised.
     """
     supervised = labels[:, 1:] != IGNORE_INDEX  # (batch, seq - 1): position t predicts token t + 1
+    ce = -token_logprobs(student_logits, labels).sum() / supervised.sum()
     student = student_logits[:, :-1][supervised].float()  # (N, vocab)
     teacher = teacher_logits[:, :-1][supervised].float()  # (N, vocab)
-    ce = F.cross_entropy(student, labels[:, 1:][supervised])
     # kl_div(input=log q, target=log p, log_target=True) is sum p * (log p - log q); batchmean divides by N
     kl = F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
                   reduction="batchmean", log_target=True)
@@ -152,7 +153,8 @@ def student_teacher_loss(model, teacher, batch: dict, alpha: float, temperature:
         batch: input_ids and labels (batch, seq) LongTensors, optional attention_mask / position_ids.
     Returns:
         (loss, {"lm_loss": CE, "kl_loss": KL}) as in distillation_loss; for a MoE student the loss also holds
-        router_aux_loss_coef * aux_loss (Switch Transformer, Fedus et al. 2022) and the metrics "aux_loss".
+        router_aux_loss_coef * aux_loss (Switch Transformer, Fedus et al. 2022), and the metrics "distill_loss"
+        (the loss without it) and "aux_loss".
         lm_loss makes the loop's eval perplexity the student's cross-entropy perplexity.
     """
     inputs = {key: batch.get(key) for key in ("input_ids", "attention_mask", "position_ids")}
@@ -161,10 +163,7 @@ def student_teacher_loss(model, teacher, batch: dict, alpha: float, temperature:
         teacher_logits = teacher(**inputs).logits
     loss, ce, kl = distillation_loss(out.logits, teacher_logits, batch["labels"], alpha, temperature)
     metrics = {"lm_loss": ce.detach(), "kl_loss": kl.detach()}
-    if out.aux_loss is not None:
-        loss = loss + unwrap(model).config.router_aux_loss_coef * out.aux_loss
-        metrics["aux_loss"] = out.aux_loss.detach()
-    return loss, metrics
+    return with_router_loss(model, loss, out.aux_loss, metrics, "distill_loss")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -37,9 +37,10 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from dataset.lm_dataset import IGNORE_INDEX, DPODataset
-from trainer.trainer_utils import (REPO_ROOT, load_model, load_pretrained, parse_args, positive_float,
-                                   require_trained_start, resolve_weight_dir, run_main, train, unwrap)
+from dataset.lm_dataset import DPODataset
+from model.model_minimind import token_logprobs
+from trainer.trainer_utils import (REPO_ROOT, count_rows, load_model, load_reference, parse_args, positive_float,
+                                   require_trained_start, run_main, train, with_router_loss)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,11 +52,7 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     Returns:
         (rows,) float32 sums of natural-log probabilities (nats; 0 for a row with no label).
     """
-    targets = labels[:, 1:]  # (rows, seq - 1)
-    # the cross-entropy of a token is -log p(token), and 0 where the label is ignored; float32 for the log-softmax
-    token_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="none")
-    return -token_nll.view(targets.shape).sum(dim=1)
+    return token_logprobs(logits, labels).sum(dim=1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -105,11 +102,7 @@ def dpo_batch_loss(model, reference, batch: dict, beta: float) -> tuple[torch.Te
     metrics = {"rewards_chosen": chosen_rewards.mean(), "rewards_rejected": rejected_rewards.mean(),
                "reward_margin": (chosen_rewards - rejected_rewards).mean(),
                "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean()}
-    if out.aux_loss is None:
-        return loss, metrics
-    aux_loss_coef = unwrap(model).config.router_aux_loss_coef
-    metrics.update(dpo_loss=loss.detach(), aux_loss=out.aux_loss.detach())
-    return loss + aux_loss_coef * out.aux_loss, metrics
+    return with_router_loss(model, loss, out.aux_loss, metrics, "dpo_loss")
 
 
 def add_dpo_flags(parser: argparse.ArgumentParser) -> None:
@@ -135,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. The reference: the --from_weight checkpoint again, frozen. It stays what the run started from even when
     #    --from_resume 1 loads trained weights into the policy.
-    reference = load_pretrained(resolve_weight_dir(args.from_weight, args.save_dir, args.hidden_size, args.use_moe))
-    reference.requires_grad_(False).eval().to(args.device)
+    reference = load_reference(args)
 
     # 3. Dataset: preference pairs through the chat template, labels -100 outside the final replies
     train_dataset = DPODataset(args.data_path, tokenizer, args.max_seq_len, args.skip_bad_lines)
@@ -148,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     def loss_fn(model, batch):
         return dpo_batch_loss(model, reference, batch, args.beta)
 
-    return train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=eval_dataset, eval_perplexity=False)
+    return train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=eval_dataset, eval_perplexity=False,
+                 count_items=count_rows)  # the loss averages over pairs, so a step weighs its micro-batches by rows
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Each conversation is rendered with the tokenizer's ChatML template (<|im_start|>role ... <|im_end|>) and the
 loss covers only what the assistant writes, its closing <|im_end|> included (that is what teaches the model
 to stop); system, user and tool tokens have label -100. The objective is the next-token cross-entropy over
-the N assistant positions of a batch (InstructGPT, Ouyang et al. 2022, step 1):
+the N assistant positions of an optimizer step (InstructGPT, Ouyang et al. 2022, step 1), however the step is
+split into micro-batches and processes, so a long reply weighs by its tokens (trainer_utils.optimizer_step):
 
     L = -1/N * sum_{t: x_{t+1} is assistant} log p(x_{t+1} | x_1 .. x_t)
 

@@ -49,13 +49,14 @@ Writes out/grpo_<hidden_size>/ and out/runs/grpo_<hidden_size>/metrics.jsonl.
 import argparse
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationConfig
 
 from dataset.rl_dataset import PromptDataset, decode_fields
+from model.model_minimind import token_logprobs
 from trainer.rewards import check_reward_fields, load_reward_function
-from trainer.trainer_utils import (REPO_ROOT, fraction, load_model, load_pretrained, parse_args, positive_float,
-                                   positive_int, require_trained_start, resolve_weight_dir, run_main, train, unwrap)
+from trainer.trainer_utils import (REPO_ROOT, count_rows, fraction, load_model, load_reference, parse_args,
+                                   positive_float, positive_int, require_trained_start, run_main, train, unwrap,
+                                   with_router_loss)
 
 ADVANTAGE_EPS = 1e-4  # keeps A finite for a group whose rewards are all equal (then A = 0)
 GRPO_DATA = REPO_ROOT / "dataset" / "data" / "grpo"
@@ -123,10 +124,10 @@ def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Te
         ((N, T) float32 log-probabilities, the MoE load-balancing loss or None).
     """
     out = model(input_ids=sequences, attention_mask=attention_mask, logits_to_keep=num_completion_tokens + 1)
-    logits = out.logits[:, :-1].float() / temperature  # (N, T, vocab): the position before each completion token
-    targets = sequences[:, -num_completion_tokens:]  # (N, T)
-    token_logps = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    return token_logps.view(targets.shape), out.aux_loss
+    # (N, T + 1): the token before the completion, then the completion; position t scores token t + 1
+    labels = sequences[:, -(num_completion_tokens + 1):]
+    token_logps = token_logprobs(out.logits.float() / temperature, labels)  # (N, T + 1), the last position 0
+    return token_logps[:, :-1], out.aux_loss
 
 
 @torch.no_grad()
@@ -205,10 +206,7 @@ def grpo_batch_loss(model, reference, tokenizer, batch: dict, rewards: list[tupl
     metrics = {"reward": scores.mean(), **reward_means,
                "reward_std": scores.view(-1, group).std(dim=1, unbiased=False).mean(), **stats,
                "completion_length": mask.sum(dim=1).float().mean()}
-    if aux_loss is None:
-        return loss, metrics
-    metrics.update(grpo_loss=loss.detach(), aux_loss=aux_loss.detach())
-    return loss + unwrap(model).config.router_aux_loss_coef * aux_loss, metrics
+    return with_router_loss(model, loss, aux_loss, metrics, "grpo_loss")
 
 
 def add_grpo_flags(parser: argparse.ArgumentParser) -> None:
@@ -258,8 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_model(args)
 
     # 2. The reference: the --from_weight checkpoint again, frozen (it stays the start even under --from_resume 1)
-    reference = load_pretrained(resolve_weight_dir(args.from_weight, args.save_dir, args.hidden_size, args.use_moe))
-    reference.requires_grad_(False).eval().to(args.device)
+    reference = load_reference(args)
     end_ids = [tokenizer.eos_token_id, tokenizer.pad_token_id]  # <|im_end|> ends a turn, <|endoftext|> a text
     generation = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                                   max_new_tokens=args.max_new_tokens, eos_token_id=end_ids,
@@ -279,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
     def loss_fn(model, batch):
         return grpo_batch_loss(model, reference, tokenizer, batch, rewards, generation, args)
 
-    return train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=eval_dataset, eval_perplexity=False)
+    return train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=eval_dataset, eval_perplexity=False,
+                 count_items=count_rows)  # the loss averages over sequences, so a step weighs its micro-batches by rows
 
 
 if __name__ == "__main__":

@@ -26,15 +26,16 @@ from dataset.lm_dataset import SFTDataset
 from model.model_lora import DEFAULT_TARGET_MODULES, apply_lora, merge_lora, save_lora
 from trainer.checkpoint import checkpoint_name, save_weights, write_dir_atomically
 from trainer.distributed import log, rank_and_world_size
-from trainer.trainer_utils import (REPO_ROOT, causal_lm_loss, load_model, log_parameter_counts, parse_args,
-                                   run_main, train)
+from trainer.trainer_utils import (REPO_ROOT, causal_lm_loss, fraction, load_model, log_parameter_counts,
+                                   parse_args, positive_float, positive_int, run_main, train)
 
 
 def add_flags(parser):
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora_rank", type=int, default=8, help="r: inner dimension of each adapter")
-    lora.add_argument("--lora_alpha", type=float, default=16.0, help="the update is scaled by lora_alpha / lora_rank")
-    lora.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    lora.add_argument("--lora_rank", type=positive_int, default=8, help="r: inner dimension of each adapter")
+    lora.add_argument("--lora_alpha", type=positive_float, default=16.0,
+                      help="the update is scaled by lora_alpha / lora_rank")
+    lora.add_argument("--lora_dropout", type=fraction, default=0.0, help="dropout on the adapters' input")
     lora.add_argument("--target_modules", default=",".join(DEFAULT_TARGET_MODULES),
                       help="comma-separated names of the linear layers that get adapters")
     lora.add_argument("--merge", type=int, choices=(0, 1), default=0,

@@ -1,7 +1,8 @@
 """Pretraining: next-token prediction on raw text, starting from random weights.
 
 The model learns the language by predicting every next token of documents packed into blocks of --max_seq_len
-tokens (GPT-2, Radford et al. 2019). The objective is the mean cross-entropy over all N positions of a batch:
+tokens (GPT-2, Radford et al. 2019). The objective is the mean cross-entropy over all N positions of an
+optimizer step (every micro-batch of --accumulation_steps, every process: trainer_utils.optimizer_step):
 
     L = -1/N * sum_t log p(x_{t+1} | x_1 .. x_t)
 

@@ -18,6 +18,8 @@ import ctypes
 import math
 import os
 import platform
+import re
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -32,14 +34,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from dataset.cli import HelpFormatter, fraction, positive_float, positive_int  # noqa: F401 (stage scripts)
+from dataset.cli import (HelpFormatter, fraction, int_in_range, non_negative_float,  # noqa: F401 (stage scripts)
+                         non_negative_int, positive_float, positive_int)
 from dataset.lm_dataset import DataFormatError
-from model.loading import default_device
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, next_token_loss
-from trainer.checkpoint import checkpoint_name, restore_checkpoint, save_checkpoint, save_weights
+from model.loading import default_device, load_pretrained
+from model.model_minimind import IGNORE_INDEX, MiniMindConfig, MiniMindForCausalLM
+from trainer.checkpoint import (PARTIAL_FILE, checkpoint_name, refuse_other_shapes, restore_checkpoint,
+                                save_checkpoint, save_weights, unfinished_step)
 from trainer.distributed import (deepspeed_engine, full_tensor, gradient_sync, is_deepspeed, log, parallelize,
                                  rank_and_world_size, setup_run)
 from trainer.monitor import MetricsLog, evaluate, stop_on_signal
+from trainer.resume_checks import run_lock, run_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LENGTH_GROUP_BATCHES = 50  # samples are sorted by length within chunks of this many batches
@@ -68,7 +73,14 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
     paths.add_argument("--checkpoint_dir", default=str(REPO_ROOT / "checkpoints"), help="where resume states go")
     paths.add_argument("--save_weight", default=stage, help="saved as <save_weight>_<hidden_size>[_moe]")
     paths.add_argument("--from_weight", default="none", help="none | a stage name under --save_dir | a directory")
-    paths.add_argument("--from_resume", type=int, choices=(0, 1), default=0, help="1: continue the interrupted run")
+    paths.add_argument("--from_resume", type=int, choices=(0, 1), default=0,
+                       help="1: continue the interrupted run from its newest intact resume state. Refused when "
+                            "--batch_size, --accumulation_steps, --max_seq_len, --epochs, --seed, the --data_path "
+                            "file or the model's shape differ from that run's; free to change: --max_steps, "
+                            "--eval_interval, --log_interval, --save_interval, --keep_last, --num_workers, "
+                            "--device, and the number of processes under ddp or fsdp (with --accumulation_steps "
+                            "x processes unchanged); the optimizer flags (--learning_rate, ...) apply from the "
+                            "resumed step on")
     paths.add_argument("--keep_last", type=positive_int, default=2, help="resume states kept (newest first)")
     paths.add_argument("--skip_bad_lines", type=int, choices=(0, 1), default=0,
                        help="1: skip (and count) invalid data lines instead of stopping at the first one")
@@ -76,32 +88,44 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--epochs", type=positive_int, default=1, help="passes over the training data")
     optim.add_argument("--max_steps", type=positive_int, help="cap on optimizer steps; the schedule ends there")
+    optim.add_argument("--time_budget", type=positive_float,
+                       help="minutes of wall time (eval and saving included): the learning-rate schedule runs on "
+                            "the fraction spent, and the run saves and ends when it is spent (or at --epochs / "
+                            "--max_steps, if sooner); resumes continue the same budget")
     optim.add_argument("--batch_size", type=positive_int, default=16, help="samples per micro-batch per process")
-    optim.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate after warmup")
-    optim.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay of matrices (not norms)")
-    optim.add_argument("--warmup_steps", type=int, default=20, help="optimizer steps of linear warmup")
-    optim.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate / peak learning rate")
+    optim.add_argument("--learning_rate", type=positive_float, default=5e-4, help="peak learning rate after warmup")
+    optim.add_argument("--weight_decay", type=non_negative_float, default=0.1,
+                       help="AdamW decay of matrices (not norms)")
+    optim.add_argument("--warmup_steps", type=non_negative_int, default=20, help="optimizer steps of linear warmup")
+    optim.add_argument("--min_lr_ratio", type=fraction, default=0.1,
+                       help="final learning rate / peak learning rate (0 to 1)")
     optim.add_argument("--accumulation_steps", type=positive_int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient L2 norm (0: no clipping)")
+    optim.add_argument("--grad_clip", type=non_negative_float, default=1.0,
+                       help="max global gradient L2 norm (0: no clipping)")
     run = parser.add_argument_group("hardware and logging")
     run.add_argument("--device", default=default_device(), help="cuda | mps | cpu (first available)")
     run.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                     help="autocast dtype; auto: bfloat16 on CUDA that has it, float16 on older CUDA, else float32")
+                     help="autocast dtype over float32 weights; auto: bfloat16 on CUDA that has it, float16 on older "
+                          "CUDA, on CPU bfloat16 where a timed matmul shows it clearly faster (AMX, AVX512-BF16), "
+                          "else float32 (model/precision.py); the choice is printed first")
     run.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp", "deepspeed"),
                      help="under torchrun: ddp replicates the model on every process, fsdp shards weights, "
                           "gradients and optimizer state over them, deepspeed runs DeepSpeed ZeRO")
     run.add_argument("--deepspeed_config", default=str(REPO_ROOT / "trainer" / "ds_config" / "zero2.json"),
                      help="DeepSpeed JSON (ZeRO options; batch, clipping, dtype come from the flags); zero3.json "
                           "shards the weights too")
-    run.add_argument("--compile", type=int, choices=(0, 1), default=0,
-                     help="1: torch.compile the model for training (slow first steps; see bench/bench_train.py)")
+    run.add_argument("--compile", "--use_compile", type=compile_setting, default="auto",
+                     help="1: torch.compile the model for training (the first step compiles, about a minute); 0: "
+                          "eager; auto: compile when the first steps show the run is long enough to earn it back")
     run.add_argument("--gradient_checkpointing", type=int, choices=(0, 1), default=0,
                      help="1: recompute each layer's activations in backward (less memory, ~1/3 more compute)")
     run.add_argument("--keep_freed_memory", type=int, choices=(0, 1), default=1,
                      help="CPU on Linux: keep freed memory for the next step instead of returning it to the OS "
                           "(about 10%% faster; peak memory up to a quarter higher; see keep_freed_memory)")
-    run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (0: main process)")
-    run.add_argument("--seed", type=int, default=42, help="seed of the initialization and the data order")
+    run.add_argument("--num_workers", type=non_negative_int, default=0,
+                     help="DataLoader worker processes (0: main process)")
+    run.add_argument("--seed", type=int_in_range(0, 2**32 - 1), default=42,
+                     help="seed of the initialization and the data order (0 to 2**32 - 1)")
     run.add_argument("--log_interval", type=positive_int, default=10, help="optimizer steps between log lines")
     run.add_argument("--eval_interval", type=positive_int, default=100, help="optimizer steps between evals")
     run.add_argument("--eval_batches", type=positive_int, default=50, help="most batches per eval")
@@ -117,7 +141,8 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
     shape.add_argument("--num_hidden_layers", type=positive_int, default=4, help="decoder layers")
     shape.add_argument("--num_attention_heads", type=positive_int, default=4, help="query heads")
     shape.add_argument("--num_key_value_heads", type=positive_int, default=2, help="key/value heads (GQA)")
-    shape.add_argument("--max_seq_len", type=positive_int, default=256, help="tokens per training sample")
+    shape.add_argument("--max_seq_len", type=int_in_range(2), default=256,
+                       help="tokens per training sample (at least 2: one input and the token it predicts)")
     shape.add_argument("--use_moe", type=int, choices=(0, 1), default=0, help="1: Mixture-of-Experts feed-forward")
     shape.add_argument("--num_experts", type=positive_int, default=4, help="experts per MoE layer")
     shape.add_argument("--num_experts_per_tok", type=positive_int, default=1, help="experts each token runs")
@@ -129,8 +154,72 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
     parser.set_defaults(**(defaults or {}))
     args = parser.parse_args(argv)
     args.stage = stage
+    check_paths(args)
     setup_run(args)
+    log_ignored_shape_flags(args, given_flags(parser, argv))
     return args
+
+
+def check_paths(args) -> None:
+    """Refuse a missing --data_path / --eval_data_path and an unwritable --save_dir / --checkpoint_dir at once,
+    naming the flag, instead of after the model is built or at the first save (step 1000 by default).
+
+    Nothing is created here: a directory that does not exist yet must be creatable (its nearest existing parent a
+    writable directory).
+    Raises:
+        SystemExit: one sentence naming the flag and the path.
+    """
+    for flag in ("data_path", "eval_data_path"):
+        path = getattr(args, flag, None)
+        if path and not Path(path).is_file():
+            problem = "is a directory; expected a .jsonl file" if Path(path).is_dir() else "no such file"
+            raise SystemExit(f"--{flag} {path}: {problem}")
+    for flag in ("save_dir", "checkpoint_dir"):
+        directory = Path(getattr(args, flag)).absolute()
+        existing = next(parent for parent in (directory, *directory.parents) if parent.exists())
+        if not existing.is_dir():
+            raise SystemExit(f"--{flag} {directory}: {existing} is a file, not a directory; pass another directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise SystemExit(f"--{flag} {directory}: {existing} is not writable (permissions or a read-only file "
+                             "system); pass a directory you can write to")
+
+
+SHAPE_FLAG_DESTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
+                    "num_experts", "num_experts_per_tok")
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The dests of the flags the command line sets (abbreviated or with "=" too), not left at their defaults."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # parsed again, a flag left out leaves no attribute
+    parser._defaults.clear()
+    return set(vars(parser.parse_args(argv)))
+
+
+def log_ignored_shape_flags(args, given: set[str]) -> None:
+    """Say (one line) which shape flags given on the command line a --from_weight checkpoint overrides.
+
+    A checkpoint brings its own shape (config.json); of a stage name, only --hidden_size and --use_moe count
+    (they pick its directory), of a directory none.
+    """
+    weight = args.from_weight
+    if weight == "none":
+        return
+    stage_dir = Path(args.save_dir) / checkpoint_name(weight, args.hidden_size, args.use_moe)
+    is_directory = not stage_dir.is_dir() and (os.sep in weight or Path(weight).is_dir())  # as resolve_weight_dir
+    used = () if is_directory else ("hidden_size", "use_moe")
+    ignored = [f"--{dest}" for dest in SHAPE_FLAG_DESTS if dest in given and dest not in used]
+    if ignored:
+        named = "; the output is named after its width" if "--hidden_size" in ignored else ""
+        log(f"{', '.join(ignored)} ignored: --from_weight {weight} brings its own model shape "
+            f"(its config.json){named}")
+
+
+def compile_setting(value: str):
+    """--compile's value: "auto", or 0 / 1 as ints."""
+    if value not in ("0", "1", "auto"):
+        raise argparse.ArgumentTypeError(f"{value!r}: use 0, 1 or auto")
+    return value if value == "auto" else int(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,14 +227,21 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run a stage's main(): a user mistake ends with one line on stderr and exit status 1, not a traceback."""
+    """Run a stage's main(): a user mistake ends with one line on stderr and exit status 1, not a traceback.
+
+    A run stopped by SIGINT or SIGTERM (saved; train returns {"stopped": True, "signal": number}) exits with
+    128 + the signal's number, 130 or 143, as the shell reports an interrupted command: `train_pretrain.py &&
+    train_full_sft.py` does not go on from a half-trained stage, and a scheduler sees the job did not finish.
+    """
     try:
-        main()
+        result = main()
     except (DataFormatError, FileNotFoundError) as error:
         sys.exit(str(error))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if isinstance(result, dict) and result.get("stopped"):
+        sys.exit(128 + int(result.get("signal") or signal.SIGTERM))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,27 +263,48 @@ def resolve_weight_dir(weight: str, save_dir: str, hidden_size: int, use_moe: bo
     if not directory.is_dir() and os.sep in weight:
         raise SystemExit(f"{flag} {weight}: no such directory")
     if not directory.is_dir():
-        raise SystemExit(f"{flag} {weight}: no checkpoint at {stage_dir}; "
-                         f"run trainer/train_{weight}.py first or pass a directory")
+        raise SystemExit(missing_checkpoint(weight, stage_dir, flag))
     if not (directory / "config.json").is_file():
         raise SystemExit(f"{flag} {weight}: {directory} has no config.json; not a checkpoint")
+    if step := unfinished_step(directory):
+        raise SystemExit(f"{flag} {weight}: {directory} holds the weights of an unfinished run (interrupted at step "
+                         f"{step}); finish it with --from_resume 1 (the same command it was started with) or "
+                         f"delete {directory / PARTIAL_FILE} to use it as it is")
     return directory
 
 
-def load_pretrained(directory: Path, flag: str = "--from_weight") -> MiniMindForCausalLM:
-    """Load a checkpoint directory's model strictly, in float32 (the master weights).
+MADE_WITH_SAVE_WEIGHT = {  # weights the README makes with a stage script under another --save_weight
+    "reason_sft": "trainer/train_full_sft.py --from_weight full_sft --save_weight reason_sft",
+}
 
-    Raises:
-        SystemExit: when a weight is missing, unexpected or of the wrong shape (never a silent re-init).
-    """
-    # ignore_mismatched_sizes only makes transformers report a wrong shape instead of raising: we raise below
-    model, info = MiniMindForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True,
-                                                      ignore_mismatched_sizes=True)
-    problems = "; ".join(f"{kind.removesuffix('_keys')}: {', '.join(sorted(map(str, keys)))}"
-                         for kind, keys in info.items() if keys)
-    if problems:
-        raise SystemExit(f"{flag}: the weights in {directory} do not fit ({problems})")
-    return model
+
+def stage_scripts() -> dict[str, str]:
+    """{stage name: the script that makes it}: each trainer/train_*.py names its stage in its parse_args call."""
+    scripts = {}
+    for script in sorted((REPO_ROOT / "trainer").glob("train_*.py")):
+        if found := re.search(r'parse_args\(\s*"(\w+)"', script.read_text()):
+            scripts[found[1]] = f"trainer/{script.name}"
+    return {**scripts, **MADE_WITH_SAVE_WEIGHT}
+
+
+def missing_checkpoint(weight: str, stage_dir: Path, flag: str) -> str:
+    """The message for a stage name without a checkpoint: what makes it, and what the save dir does hold."""
+    save_dir = stage_dir.parent
+    held = sorted(path.name for path in save_dir.iterdir() if (path / "config.json").is_file()) if (
+        save_dir.is_dir()) else []
+    prefix = "" if flag == "--from_weight" else flag.removeprefix("--").removesuffix("weight")  # --teacher_weight
+    other_shapes = [(name, found) for name in held if (found := re.fullmatch(rf"{re.escape(weight)}_(\d+)(_moe)?",
+                                                                             name))]
+    if other_shapes:
+        choices = ", ".join(f"{name} (--{prefix}hidden_size {found[1]}{f' --{prefix}use_moe 1' if found[2] else ''})"
+                            for name, found in other_shapes)
+        return (f"{flag} {weight}: no checkpoint at {stage_dir}, but {save_dir} has {choices}; pass that shape or "
+                "a directory")
+    scripts = stage_scripts()
+    made_by = (f"python {scripts[weight]} makes it" if weight in scripts else
+               f"no stage is named {weight} (stages: {', '.join(scripts)})")
+    return (f"{flag} {weight}: no checkpoint at {stage_dir}; {made_by}; {save_dir} holds "
+            f"{', '.join(held) if held else 'no checkpoint yet'}")
 
 
 def load_model(args) -> tuple[MiniMindForCausalLM, transformers.PreTrainedTokenizerBase]:
@@ -243,6 +360,22 @@ def require_trained_start(args, method: str) -> None:
     if args.from_weight == "none":
         raise SystemExit(f"--from_weight none: {method} starts from a trained chat model, which is also its frozen "
                          "reference; pass --from_weight full_sft (after trainer/train_full_sft.py) or a directory")
+
+
+def load_frozen(directory: Path, device: str, flag: str = "--from_weight") -> MiniMindForCausalLM:
+    """A checkpoint loaded strictly (load_pretrained, float32) as a frozen model: eval mode, no parameter
+    requiring gradients, on `device`. The loop's autocast applies to it as to the trained model."""
+    return load_pretrained(directory, flag).requires_grad_(False).eval().to(device)
+
+
+def load_reference(args) -> MiniMindForCausalLM:
+    """The frozen reference of DPO and GRPO: the --from_weight checkpoint again (load_frozen), on --device.
+
+    Read from the checkpoint directory, not copied from the trained model, so it stays what the run started from
+    even when --from_resume 1 loads trained weights into the model.
+    """
+    return load_frozen(resolve_weight_dir(args.from_weight, args.save_dir, args.hidden_size, args.use_moe),
+                       args.device)
 
 
 def log_parameter_counts(model: torch.nn.Module) -> None:
@@ -308,9 +441,24 @@ def cosine_lr(step: int, max_lr: float, warmup_steps: int, total_steps: int, min
     """
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
+    return cosine_decay((step - warmup_steps) / max(1, total_steps - 1 - warmup_steps), max_lr, min_lr_ratio)
+
+
+def time_budget_lr(step: int, elapsed_s: float, budget_s: float, max_lr: float, warmup_steps: int,
+                   min_lr_ratio: float) -> float:
+    """Learning rate of a --time_budget run: cosine_lr's warmup over the first steps, then its cosine over the
+    fraction of the budget spent, p = elapsed_s / budget_s, so the rate reaches min_lr_ratio * max_lr when the
+    time is up however fast the host is. (At the end of the warmup p is already a little above 0: the rate
+    starts its decay a hair below max_lr.)"""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    return cosine_decay(elapsed_s / budget_s, max_lr, min_lr_ratio)
+
+
+def cosine_decay(progress: float, max_lr: float, min_lr_ratio: float) -> float:
+    """min_lr + (max_lr - min_lr) * (1 + cos(pi * p)) / 2 at progress p (clipped to [0, 1])."""
     min_lr = min_lr_ratio * max_lr
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
-    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
@@ -348,13 +496,34 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     Returns:
         (scalar loss, {}) for a dense model; for MoE (lm_loss + coef * aux_loss, {"lm_loss", "aux_loss"}).
     """
+    # labels without logits: the model computes the loss from its hidden states in chunks, never holding the
+    # (batch, seq, vocab) logits (chunked_next_token_loss); position t predicts token t + 1
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"))
-    lm_loss = next_token_loss(out.logits, batch["labels"])  # position t predicts token t + 1
-    if out.aux_loss is None:
-        return lm_loss, {}
-    aux_loss_coef = unwrap(model).config.router_aux_loss_coef
-    return lm_loss + aux_loss_coef * out.aux_loss, {"lm_loss": lm_loss.detach(), "aux_loss": out.aux_loss.detach()}
+                position_ids=batch.get("position_ids"), labels=batch["labels"], return_logits=False)
+    return with_router_loss(model, out.lm_loss, out.aux_loss, {}, "lm_loss")
+
+
+def with_router_loss(model, loss: torch.Tensor, aux_loss: torch.Tensor | None, metrics: dict,
+                     name: str) -> tuple[torch.Tensor, dict]:
+    """Add a MoE router's load-balancing loss to a stage's loss: loss + router_aux_loss_coef * aux_loss.
+
+    The one place a stage's objective gets the balance term (Switch Transformer, Fedus et al. 2022); without it
+    the router would send most tokens to a few experts. The model's forward also adds it to its `loss` when given
+    `labels` (Hugging Face's convention, for users of the model outside this loop); the stages take the parts
+    they need from the forward (logits, lm_loss, aux_loss) and add the term here.
+
+    Args:
+        model: the model, possibly wrapped (DDP), whose config holds router_aux_loss_coef.
+        loss: the stage's scalar loss; aux_loss: the forward's `aux_loss` (None for a dense model).
+        metrics: the stage's figures; name: the key under which the loss without the balance term is logged.
+    Returns:
+        (loss, metrics) unchanged for a dense model; for MoE (loss + coef * aux_loss, metrics with `name` and
+        "aux_loss" added).
+    """
+    if aux_loss is None:
+        return loss, metrics
+    metrics = {**metrics, name: loss.detach(), "aux_loss": aux_loss.detach()}
+    return loss + unwrap(model).config.router_aux_loss_coef * aux_loss, metrics
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -386,41 +555,138 @@ def keep_freed_memory() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Compilation: --compile 0 | 1 | auto
+
+# Measured with bench/bench_compile.py (see README, Performance): seconds the first compiled step takes beyond an
+# eager one, and the eager / compiled step time afterwards, per device type.
+COMPILE_COST_S = {"cpu": 60.0, "cuda": 60.0}
+COMPILE_SPEEDUP = {"cpu": 1.15, "cuda": 1.3}
+AUTO_COMPILE_AFTER_STEPS = 3  # --compile auto times this many eager steps (the first is warm-up) before deciding
+
+
+def compile_pays(remaining_eager_s: float, device_type: str) -> bool:
+    """Whether compiling now saves time: the eager time left times the fraction compilation saves must exceed
+    twice its measured start-up cost (the margin covers hosts slower to compile than the one measured)."""
+    if device_type not in COMPILE_COST_S:  # mps: torch.compile's support is partial
+        return False
+    saved = remaining_eager_s * (1 - 1 / COMPILE_SPEEDUP[device_type])
+    return saved > 2 * COMPILE_COST_S[device_type]
+
+
+class Compiler:
+    """The module the loop calls: eager, compiled from the start (--compile 1), or compiled once the first steps
+    show the run is long enough to earn the compilation back (--compile auto, compile_pays).
+
+    torch.compile (TorchInductor) fuses the elementwise work between the matrix products (RMSNorm, RoPE, SwiGLU,
+    the casts of autocast) into generated kernels; it compiles lazily, inside the first step it runs. If that
+    step fails to compile (no C++ compiler, an unsupported op), the run warns once and continues eagerly with the
+    same micro-batches. The compiled wrapper goes around DDP's, as PyTorch recommends (DDPOptimizer splits graphs
+    at the gradient buckets); DeepSpeed's engine is not compiled here (its config has its own compile option).
+    """
+
+    def __init__(self, eager: torch.nn.Module, setting, device_type: str):
+        self.eager, self.module, self.device_type = eager, eager, device_type
+        self.setting, self.proven, self.step_times = setting, False, []
+        if setting == 1 and is_deepspeed(eager):
+            raise SystemExit("--compile 1 with --parallel deepspeed: set DeepSpeed's own compile in its config")
+        if setting == 1:
+            self.module = torch.compile(eager)
+
+    def consider(self, step_seconds: float, remaining_steps: int, remaining_budget_s: float = math.inf) -> None:
+        """--compile auto: after AUTO_COMPILE_AFTER_STEPS eager steps, compile if compile_pays for the rest (the
+        remaining steps at the fastest timed step's pace, or the time budget left, whichever is shorter)."""
+        if self.setting != "auto" or len(self.step_times) >= AUTO_COMPILE_AFTER_STEPS:
+            return
+        self.step_times.append(step_seconds)
+        if len(self.step_times) < AUTO_COMPILE_AFTER_STEPS:
+            return
+        remaining_s = min(remaining_steps * min(self.step_times[1:]), remaining_budget_s)
+        if is_deepspeed(self.eager) or not compile_pays(remaining_s, self.device_type):
+            log(f"--compile auto: eager (about {remaining_s:.0f} s of eager steps left; compiling costs about "
+                f"{COMPILE_COST_S.get(self.device_type, 0):.0f} s on {self.device_type})")
+            return
+        log(f"--compile auto: compiling (about {remaining_s:.0f} s of eager steps left; compiling costs about "
+            f"{COMPILE_COST_S[self.device_type]:.0f} s and then saves "
+            f"{1 - 1 / COMPILE_SPEEDUP[self.device_type]:.0%} of each step)")
+        self.module = torch.compile(self.eager)
+
+    def run(self, step_fn: Callable, reset: Callable):
+        """step_fn(module): the first compiled call falls back to eager (after reset()) if compilation fails."""
+        if self.module is self.eager or self.proven:
+            return step_fn(self.module)
+        try:
+            result = step_fn(self.module)
+        except Exception as error:  # noqa: BLE001 (any compiler failure; the eager retry re-raises real errors)
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            log(f"warning: torch.compile failed ({type(error).__name__}: {first_line}); continuing eagerly")
+            self.module = self.eager
+            reset()
+            return step_fn(self.eager)
+        self.proven = True
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The loop
 
 
-def optimizer_step(model, data, num_micro: int, loss_fn, optimizer, scaler, autocast, args):
-    """One optimizer step over the next `num_micro` micro-batches of `data`: accumulate, clip, step.
+def count_loss_tokens(batch: dict) -> int:
+    """Positions of a batch that carry a loss: labels[t + 1] != -100 (next_token_loss's N). Read on the host."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
-    Each micro-batch's loss is divided by num_micro, so the summed gradients are those of the mean loss. Under
-    DDP or FSDP the gradients are synchronized across ranks only on the last micro-batch's backward.
-    A gradient norm that is NaN or inf (a NaN loss, an overflow) skips the update, so the weights stay the last
-    good ones; the norm is the same on every rank (the gradients are synchronized), so all ranks agree.
+
+def count_rows(batch: dict) -> int:
+    """Rows of a batch: the unit of losses that average over sequences or pairs (DPO, GRPO)."""
+    return len(batch["input_ids"])
+
+
+def optimizer_step(model, micro_batches: list[dict], loss_fn, optimizer, scaler, autocast, args,
+                   count_items: Callable[[dict], int] = count_loss_tokens):
+    """One optimizer step over `micro_batches` (this rank's share of the step): accumulate, clip, update.
+
+    The step minimizes the mean over all its items (loss tokens by default; pairs or sequences for losses that
+    average over those), whatever the split into micro-batches and ranks. `loss_fn` returns the mean over its
+    micro-batch's n_i items; that mean is weighted by n_i / N, N the items of the whole step on every rank (one
+    all-reduce of a count before the forward passes), so the summed gradients are those of sum(losses) / N,
+    the per-token mean, not the mean of the micro-batches' means (torchtitan's rescaling by the global token
+    count; Hugging Face Trainer's `num_items_in_batch`). DDP, FSDP and DeepSpeed average gradients over the
+    ranks, so each rank's loss is also multiplied by the world size. Gradients are synchronized across ranks
+    only on the last micro-batch's backward. A gradient norm that is NaN or inf (a NaN loss, an overflow) skips
+    the update, so the weights stay the last good ones; the norm is the same on every rank (the gradients are
+    synchronized), so all ranks agree.
+
+    Args:
+        micro_batches: collated batches (on the host); count_items(batch) -> items its loss averages over.
     Returns:
-        (mean loss over the micro-batches, {metric: mean}, non-padding input tokens, gradient norm before clipping,
-         whether the update was applied)
+        (this rank's sum of n_i * micro-batch loss, {metric: sum of n_i * value}, N (a float tensor: the step's
+         items on all ranks), non-padding input tokens, gradient norm before clipping, whether the update was
+         applied). The step's loss is the all-ranks sum of the first over N.
     """
     device = torch.device(args.device)
-    loss_sum, metric_sums, tokens = torch.zeros((), device=device), {}, 0
-    for i in range(num_micro):
-        batch = next(data)
-        tokens += count_tokens(batch)
+    world_size = rank_and_world_size()[1]
+    counts = [count_items(batch) for batch in micro_batches]
+    total = torch.tensor(float(sum(counts)), device=device)  # N: the step's items on all ranks
+    if world_size > 1:
+        dist.all_reduce(total)
+    loss_sum, metric_sums = torch.zeros((), device=device), {}
+    tokens = sum(count_tokens(batch) for batch in micro_batches)
+    for i, batch in enumerate(micro_batches):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-        last = i == num_micro - 1
-        with gradient_sync(model, enabled=last):
+        weight = counts[i] * world_size / total  # n_i / N, times the world size the gradient average divides by
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1):
             with autocast:
                 loss, metrics = loss_fn(model, batch)
             if is_deepspeed(model):  # the engine scales float16 losses itself
-                model.backward(loss / num_micro, scale_wrt_gas=False)
+                model.backward(loss * weight, scale_wrt_gas=False)
             else:
-                scaler.scale(loss / num_micro).backward()
-        loss_sum += loss.detach().float()
+                scaler.scale(loss * weight).backward()
+        loss_sum += loss.detach().float() * counts[i]
         for key, value in metrics.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + torch.as_tensor(value, device=device).detach().float()
-    loss_mean, metric_means = loss_sum / num_micro, {key: value / num_micro for key, value in metric_sums.items()}
+            value = torch.as_tensor(value, device=device).detach().float() * counts[i]
+            metric_sums[key] = metric_sums.get(key, 0.0) + value
     if is_deepspeed(model):
-        grad_norm, applied = deepspeed_update(model, loss_mean)
-        return loss_mean, metric_means, tokens, grad_norm, applied
+        grad_norm, applied = deepspeed_update(model, loss_sum)
+        return loss_sum, metric_sums, total, tokens, grad_norm, applied
     scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
@@ -431,7 +697,7 @@ def optimizer_step(model, data, num_micro: int, loss_fn, optimizer, scaler, auto
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_mean, metric_means, tokens, grad_norm, applied
+    return loss_sum, metric_sums, total, tokens, grad_norm, applied
 
 
 def deepspeed_update(engine, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -451,15 +717,26 @@ def deepspeed_update(engine, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def stop_on_divergence(args, model, tokenizer, optimizer, scaler, state: dict, weights_dir: Path, resume_dir: Path,
-                       save_weights_fn: Callable, loss: float, grad_norm: float) -> None:
-    """Save the last good state (the update that diverged was not applied) and end the run with advice.
+                       save_weights_fn: Callable, loss: float, grad_norm: float, total_steps: int | None = None,
+                       applied: bool = False) -> None:
+    """End the run with advice when a step's gradient norm or loss is not finite.
 
+    A non-finite gradient norm skipped the update, so the model is still the last good one: it is saved first
+    (the weights dir marked unfinished). A non-finite loss with a finite gradient (`applied`: e.g. a batch without
+    a single labelled position) has changed the weights already, so nothing is saved: the newest resume state is
+    the one to continue from.
     Raises:
         SystemExit: always, naming the step, the loss and the gradient norm.
     """
     step = state["step"] + 1
+    if applied:
+        raise SystemExit(
+            f"step {step}: the loss is {loss} (gradient norm {grad_norm}), so nothing after step {state['step']} "
+            f"is saved; the newest state in {resume_dir} is the one to continue from. Usual causes: a batch without "
+            f"a labelled position (samples cut short by --max_seq_len {args.max_seq_len}?), a learning rate too high "
+            f"(--learning_rate {args.learning_rate}) or float16 overflow; fix it and continue with --from_resume 1")
     save_checkpoint(model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir, save_weights_fn,
-                    args.keep_last)
+                    args.keep_last, total_steps)
     raise SystemExit(
         f"step {step}: the loss is {loss} and the gradient norm {grad_norm}; the update was not applied and the "
         f"last good state (step {state['step']}) is saved in {resume_dir}. Usual causes: a learning rate too high "
@@ -468,7 +745,7 @@ def stop_on_divergence(args, model, tokenizer, optimizer, scaler, state: dict, w
 
 
 def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eval_perplexity: bool = True,
-          save_weights_fn: Callable = save_weights) -> dict:
+          save_weights_fn: Callable = save_weights, count_items: Callable[[dict], int] = count_loss_tokens) -> dict:
     """Train `model` by minimizing `loss_fn` over `train_dataset`; log, evaluate, save, and resume with --from_resume.
 
     Args:
@@ -477,6 +754,9 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
             `lengths` (token count per sample, used to batch samples of similar length together).
         loss_fn: function(model, batch) -> (scalar loss tensor, {metric name: scalar}); `batch` is the collated dict
             on the device. Metrics are averaged like the loss and logged; an `lm_loss` metric feeds the perplexity.
+        count_items: function(batch) -> the number of items loss_fn's mean runs over: loss tokens
+            (count_loss_tokens, the default), or rows (count_rows) for losses that average over pairs or sequences.
+            A step's loss is the mean over all its items (optimizer_step).
         eval_perplexity: report exp(eval loss) as perplexity when loss_fn has no `lm_loss` metric (False for
             losses that are not a cross-entropy, such as DPO's).
         save_weights_fn: function(model, tokenizer, directory) writing the weights directory atomically;
@@ -484,7 +764,8 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
     Returns:
         {"step": final optimizer step, "loss": last logged loss, "eval_loss": last eval loss or None,
          "eval": the last eval's figures or None, "weights_dir": where the weights were saved,
-         "stopped": True when a signal ended the run early}
+         "stopped": True when a signal ended the run before its last step (saved; the weights dir is marked
+         unfinished), "signal": the number of that signal (SIGINT, SIGTERM) or None; run_main exits with 128 + it}
     """
     rank, world_size = rank_and_world_size()
     device = torch.device(args.device)
@@ -509,7 +790,8 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
                              f"than the {world_size} processes; lower --batch_size or use more held-out data")
 
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # float16 needs loss scaling
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "elapsed_s": 0.0, "wandb_id": None}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "elapsed_s": 0.0, "wandb_id": None,
+             "run": run_settings(args, model.config)}  # what a resume must match (check_same_run)
     if args.parallel == "fsdp" and save_weights_fn is not save_weights:
         raise SystemExit("--parallel fsdp saves whole models only; train adapters with --parallel ddp")
     if args.gradient_checkpointing:
@@ -519,86 +801,114 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
     if args.parallel == "deepspeed":
         wrapped, optimizer = deepspeed_engine(model, optimizer, args)
     saved = wrapped if is_deepspeed(wrapped) else model  # what evaluates, saves and restores (ZeRO-3: the engine)
-    if args.compile:
-        if is_deepspeed(wrapped):
-            raise SystemExit("--compile 1 with --parallel deepspeed: set DeepSpeed's own compile in its config")
-        wrapped = torch.compile(wrapped)  # after DDP wrapping, as PyTorch recommends (DDPOptimizer splits graphs)
-    resumed = False
-    if args.from_resume:
-        restored = restore_checkpoint(resume_dir, saved, optimizer, scaler)
-        resumed = restored is not None
-        if resumed:
-            state.update(restored)
-        else:
-            log(f"--from_resume 1: no resume state in {resume_dir} yet, starting at step 0")
-    metrics_log = MetricsLog(Path(args.save_dir) / "runs" / name / "metrics.jsonl", args,
-                             state["step"] if resumed else None, state["wandb_id"])
-    state["wandb_id"] = metrics_log.wandb_id
+    compiler = Compiler(wrapped, args.compile, device.type)
+    # from here on a signal stops the run after its step (saved), and no other run may write these checkpoints
+    with stop_on_signal() as signals, run_lock(resume_dir):
+        resumed = False
+        if args.from_resume:
+            restored = restore_checkpoint(resume_dir, saved, optimizer, scaler, state["run"])
+            resumed = restored is not None
+            if resumed:
+                state.update(restored)
+            else:
+                refuse_other_shapes(args.checkpoint_dir, args.save_weight, name)
+                log(f"--from_resume 1: no resume state in {resume_dir} yet, starting at step 0")
+        metrics_log = MetricsLog(Path(args.save_dir) / "runs" / name / "metrics.jsonl", args,
+                                 state["step"] if resumed else None, state["wandb_id"])
+        state["wandb_id"] = metrics_log.wandb_id
 
-    log(f"{name}: {len(train_dataset)} samples, {steps_per_epoch} steps per epoch, {total_steps} steps of "
-        f"{args.batch_size * args.accumulation_steps * world_size} samples (effective batch = --batch_size "
-        f"{args.batch_size} x --accumulation_steps {args.accumulation_steps} x {world_size} process(es)"
-        f"{', ' + args.parallel if world_size > 1 else ''}), {device}, {args.dtype}")
-    step, summary = state["step"], {"loss": None, "eval_loss": None, "eval": None, "stopped": False}
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
-    clock = time.time() - state["elapsed_s"]  # elapsed_s continues across resumes
-    log_tokens, log_time = 0, time.time()
-    with stop_on_signal() as signals:
+        log(f"dtype: {args.dtype_reason}")
+        if not resumed:  # the header: what this machine chose, and why
+            metrics_log.write({"step": 0, "dtype": args.dtype, "dtype_reason": args.dtype_reason})
+        log(f"{name}: {len(train_dataset)} samples, {steps_per_epoch} steps per epoch, {total_steps} steps of "
+            f"{args.batch_size * args.accumulation_steps * world_size} samples (effective batch = --batch_size "
+            f"{args.batch_size} x --accumulation_steps {args.accumulation_steps} x {world_size} process(es)"
+            f"{', ' + args.parallel if world_size > 1 else ''}), {device}, {args.dtype}")
+        step, summary = state["step"], {"loss": None, "eval_loss": None, "eval": None, "stopped": False}
+        clock = time.time() - state["elapsed_s"]  # elapsed_s continues across resumes (and so does the budget)
+        budget_s = 60 * args.time_budget if args.time_budget else None
+        if budget_s:  # the bar counts seconds, so its ETA is the time left of the budget
+            bar = tqdm(total=round(budget_s), initial=min(round(state["elapsed_s"]), round(budget_s)),
+                       disable=rank != 0, unit="s", dynamic_ncols=True)
+        else:
+            bar = tqdm(total=total_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
+        log_tokens, log_time = 0, time.time()
         for epoch in range(state["epoch"], args.epochs):
             batches = epoch_batches(len(train_dataset), args.batch_size, args.seed, epoch, lengths, rank, world_size)
             position = state["batch_in_epoch"] if epoch == state["epoch"] else 0
             data = iter(DataLoader(train_dataset, batch_sampler=batches[position:], collate_fn=train_dataset.collate,
                                    num_workers=args.num_workers, pin_memory=device.type == "cuda"))
             while position < len(batches) and step < total_steps and not summary["stopped"]:
-                lr = cosine_lr(step, args.learning_rate, args.warmup_steps, total_steps, args.min_lr_ratio)
+                if budget_s:
+                    lr = time_budget_lr(step, time.time() - clock, budget_s, args.learning_rate, args.warmup_steps,
+                                        args.min_lr_ratio)
+                else:
+                    lr = cosine_lr(step, args.learning_rate, args.warmup_steps, total_steps, args.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                num_micro = min(args.accumulation_steps, len(batches) - position)
-                loss, metrics, tokens, grad_norm, applied = optimizer_step(
-                    wrapped, data, num_micro, loss_fn, optimizer, scaler, autocast, args)
+                micro_batches = [next(data) for _ in range(min(args.accumulation_steps, len(batches) - position))]
+                step_start = time.perf_counter()
+                loss_sum, metric_sums, items, tokens, grad_norm, applied = compiler.run(
+                    lambda module: optimizer_step(module, micro_batches, loss_fn, optimizer, scaler, autocast, args,
+                                                  count_items),
+                    reset=lambda: optimizer.zero_grad(set_to_none=True))
                 if not applied:
                     stop_on_divergence(args, saved, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
-                                       save_weights_fn, float(loss), float(grad_norm))
-                position, step = position + num_micro, step + 1
-                # over all ranks: mean loss and metrics, total tokens, and whether any rank was asked to stop
-                totals = torch.stack([loss, *metrics.values(), torch.tensor(float(tokens), device=device),
+                                       save_weights_fn, float(loss_sum / items), float(grad_norm), total_steps)
+                position, step = position + len(micro_batches), step + 1
+                compiler.consider(time.perf_counter() - step_start, total_steps - step,
+                                  budget_s - (time.time() - clock) if budget_s else math.inf)
+                # over all ranks: the item-weighted loss and metric sums, total tokens, whether a rank must stop
+                totals = torch.stack([loss_sum, *metric_sums.values(), torch.tensor(float(tokens), device=device),
                                       torch.tensor(float(signals["stop"]), device=device)])
                 if world_size > 1:
                     dist.all_reduce(totals)
-                *means, step_tokens, stop = totals.tolist()
-                loss_value, metric_values = means[0] / world_size, [value / world_size for value in means[1:]]
+                *sums, step_tokens, stop = totals.tolist()
+                if not float(items):
+                    raise SystemExit(f"step {step}: no position of this step's batches carries a loss (are all "
+                                     f"replies beyond --max_seq_len {args.max_seq_len}?); check the data")
+                loss_value, metric_values = sums[0] / float(items), [value / float(items) for value in sums[1:]]
+                if not math.isfinite(loss_value):  # a NaN loss whose gradient is finite (no labelled position)
+                    stop_on_divergence(args, saved, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
+                                       save_weights_fn, loss_value, float(grad_norm), total_steps, applied=True)
                 log_tokens += step_tokens
                 summary["stopped"] = stop > 0
                 state.update(step=step, epoch=epoch, batch_in_epoch=position, elapsed_s=time.time() - clock,
                              tokens_seen=state["tokens_seen"] + int(step_tokens))
-                bar.update(1)
+                if budget_s and time.time() - clock >= budget_s:
+                    total_steps = step  # the budget is spent: this step is the last (eval, save, done)
+                bar.update(min(round(state["elapsed_s"]), bar.total) - bar.n if budget_s else 1)
 
                 if step % args.log_interval == 0 or step == total_steps:
                     tokens_per_s, log_tokens, log_time = log_tokens / (time.time() - log_time), 0, time.time()
                     summary["loss"] = loss_value
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", grad_norm=f"{float(grad_norm):.2f}",
-                                    tok_s=f"{tokens_per_s:,.0f}")
+                    bar.set_postfix(step=step, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                    grad_norm=f"{float(grad_norm):.2f}", tok_s=f"{tokens_per_s:,.0f}")
                     metrics_log.write({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
                                        "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
                                        "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed_s"],
-                                       **dict(zip(metrics, metric_values))})
+                                       **dict(zip(metric_sums, metric_values))})
                 pause = time.time()  # eval and saving do not count against tokens/s
                 if eval_dataset is not None and (step % args.eval_interval == 0 or step == total_steps):
-                    result = evaluate(saved, eval_dataset, eval_batches, loss_fn, device, autocast, eval_perplexity)
+                    result = evaluate(saved, eval_dataset, eval_batches, loss_fn, device, autocast, eval_perplexity,
+                                      count_items)
                     summary["eval_loss"], summary["eval"] = result["eval_loss"], result
                     log(f"step {step}: " + ", ".join(f"{key.removeprefix('eval_')} {value:.4f}"
                                                       for key, value in result.items()))
                     metrics_log.write({"step": step, **result})
                 if step % args.save_interval == 0 or step == total_steps or summary["stopped"]:
                     save_checkpoint(saved, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
-                                    save_weights_fn, args.keep_last)
+                                    save_weights_fn, args.keep_last, total_steps)
                 log_time += time.time() - pause
             if step >= total_steps or summary["stopped"]:
                 break
     bar.close()
     metrics_log.close()
+    summary["stopped"] = summary["stopped"] and step < total_steps  # a signal in the last step: the run is done
+    stop_signal = int(signals["signal"] or signal.SIGTERM) if summary["stopped"] else None  # other ranks: SIGTERM
     if summary["stopped"]:
-        log(f"stopped at step {step}; saved to {resume_dir}; continue with --from_resume 1")
+        log(f"stopped at step {step} of {total_steps} by {signal.Signals(stop_signal).name}; saved to {resume_dir} "
+            f"(the weights in {weights_dir} are marked unfinished); continue with --from_resume 1")
     else:
         log(f"done: step {step}, weights in {weights_dir}")
-    return {"step": step, **summary, "weights_dir": str(weights_dir)}
+    return {"step": step, **summary, "signal": stop_signal, "weights_dir": str(weights_dir)}
