@@ -4,7 +4,7 @@
     python bench/bench_generate.py --shapes reference --batch_sizes 1 --output bench/generate.json
 
 Both models get the same random weights (ours saved, then opened by Qwen3ForCausalLM.from_pretrained through
-the stock Qwen3 config of scripts/convert_model.py) and run `generate` greedily with the same prompt tokens:
+the stock Qwen3 config of model/hf_config.py) and run `generate` greedily with the same prompt tokens:
 - prefill tokens/s: batch x prompt tokens / the time of a `generate` that makes 1 new token;
 - decode tokens/s: batch x (N - 1) / (time to make N new tokens - time to make 1), the cached steps only.
 Medians over `--repeats` runs after one untimed run. The end-of-sequence token is disabled so every run makes
@@ -22,9 +22,9 @@ import torch
 import transformers
 from transformers import Qwen3ForCausalLM
 
+from model.hf_config import qwen3_config_of
 from model.loading import default_device
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from scripts.convert_model import qwen3_config_of
 
 SHAPES = {
     "quick": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),

@@ -182,7 +182,7 @@ def benchmark(args) -> list[dict]:
     """One row per variant: {"variant", "weights_mib", "perplexity", "mean_nll", "tokens", "greedy_agreement",
     "prefill_tokens_per_s", "decode_tokens_per_s"}; a variant that cannot run here is left out with a note."""
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_checkpoint(args.model_path, device="cpu")
+    model, tokenizer = load_checkpoint(args.model_path, device="cpu", dtype="float32")  # float32 is the reference row
     data_path = Path(args.data_path)
     sequences = scored_sequences(data_path, tokenizer, detect_format(data_path))[:args.limit]
     text_ids = [token for ids, _, _ in sequences for token in ids]  # real text for the speed runs

@@ -131,7 +131,7 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
     """Time one case in this process; return its figures."""
     from dataset.lm_dataset import IGNORE_INDEX, PretrainDataset, SFTDataset
     from trainer.trainer_utils import (build_optimizer, causal_lm_loss, compile_pays, epoch_batches, keep_freed_memory,
-                                       load_model, optimizer_step)
+                                       load_model, optimizer_step, setup_run)
     from trainer.trainer_utils import parse_args as parse_train_args
 
     seq_len = args.max_seq_len if mode == "pretrain" else args.sft_max_seq_len
@@ -140,6 +140,7 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
     if args.device:
         flags += ["--device", args.device]
     train_args = parse_train_args(mode, "bench", argv=flags)
+    setup_run(train_args)  # device, dtype (--dtype auto measured), seeds, as a stage script does
     device = torch.device(train_args.device)
     if device.type == "cpu" and args.keep_freed_memory:  # as train() does; for the transformers rows too
         keep_freed_memory()
@@ -174,7 +175,7 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
             optimizer_step(net, [batch], causal_lm_loss, optimizer, scaler, autocast, train_args)
     else:
         from transformers import Qwen3ForCausalLM
-        from scripts.convert_model import qwen3_config_of
+        from model.hf_config import qwen3_config_of
         if model.config.use_moe:
             raise SystemExit("the transformers reference runs the dense shapes")
         reference = Qwen3ForCausalLM(qwen3_config_of(model.config)).to(device)

@@ -1,9 +1,10 @@
-"""Command-line pieces the scripts share: the --help layout and flag types with one-line errors.
+"""Command-line pieces of the dataset/ scripts (dataset/prepare.py): the --help layout and flag types with
+one-line errors.
 
-Here, below trainer/, so that dataset/ scripts (dataset/prepare.py) and the stage scripts (through
-trainer/trainer_utils.py) use the same ones: dataset/ never imports trainer/. Every numeric flag takes one of
-these types, so a value out of range ends in argparse's one line ("argument --learning_rate: must be a finite
-number > 0, got -1") before anything is loaded, instead of a traceback or a silently meaningless run.
+Every numeric flag takes one of these types, so a value out of range ends in argparse's one line ("argument
+--test_fraction: must be in [0, 1], got 2") before anything is read, instead of a traceback or a silently
+meaningless result. The stage scripts' flags have the same types in trainer/flags.py: dataset/ never imports
+trainer/, and the trainer's flags do not come from dataset/.
 """
 
 import argparse

@@ -3,7 +3,14 @@
 Every file is validated line by line before anything is tokenized, so a bad line ends in one
 DataFormatError naming "<file>:<line>" instead of a traceback deep inside a data loader; with
 skip_bad_lines=True (the trainer's --skip_bad_lines 1) bad lines are skipped instead, counted and reported,
-never dropped silently. The valid lines are tokenized through the `datasets` library (`.map(batched=True)`).
+never dropped silently. The valid lines are tokenized through the `datasets` library (`.map(batched=True)`);
+conversations are rendered by dataset/chat_format.py, which holds the rule of which tokens carry loss.
+
+A valid sample longer than max_seq_len is not an error. It is cut to max_seq_len tokens (SFT on the right, DPO
+as DPODataset says), or dropped when nothing to learn would be left: an SFT conversation whose first assistant
+token lies beyond max_seq_len (real SFT sets always hold a few), and, in dataset/rl_dataset.py, a prompt longer
+than max_seq_len. One warning per file says how many samples were cut and how many dropped, naming the first five
+dropped as file:line, whatever skip_bad_lines says; only bad lines stop the run (unless skip_bad_lines).
 
 Formats (one JSON object per line; blank lines are ignored):
     pretraining  {"text": "..."}
@@ -27,6 +34,7 @@ from datasets import Dataset as HFDataset
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from dataset.chat_format import build_assistant_labels, render_prompt, reply_ids
 from model.model_minimind import IGNORE_INDEX  # label of positions that carry no loss
 
 logger = logging.getLogger(__name__)
@@ -128,8 +136,27 @@ def json_error_text(error: json.JSONDecodeError) -> str:
 
 def report_skipped(path: Path, messages: list[str], total: int, what: str) -> None:
     """Log how many of `total` records of `path` were skipped, and the first few reasons (file:line: why)."""
-    shown = "\n  ".join(messages[:5]) + (f"\n  ... and {len(messages) - 5} more" if len(messages) > 5 else "")
-    logger.warning("%s: skipped %d of %d %s (--skip_bad_lines 1):\n  %s", path, len(messages), total, what, shown)
+    logger.warning("%s: skipped %d of %d %s (--skip_bad_lines 1):%s", path, len(messages), total, what,
+                   first_five(messages))
+
+
+def report_lengths(path, total: int, cut: list[int], dropped: list[int], max_seq_len: int,
+                   dropped_why: str = "") -> None:
+    """Log, in one warning, how many of the `total` samples of `path` were cut to max_seq_len tokens (the line
+    numbers `cut`; the first is named) and how many dropped (`dropped`, the first five named as file:line, as
+    report_skipped names bad lines), `dropped_why` saying why. Silent when every sample fits."""
+    if not cut and not dropped:
+        return
+    first_cut = f" (first: line {cut[0]})" if cut else ""
+    why = f" ({dropped_why}):{first_five([f'{path}:{line_no}' for line_no in dropped])}" if dropped else ""
+    logger.warning("%s: %d of %d samples cut to --max_seq_len %d tokens%s, %d dropped%s", path, len(cut), total,
+                   max_seq_len, first_cut, len(dropped), why)
+
+
+def first_five(lines: list[str]) -> str:
+    """The first five of `lines`, one per indented line, and how many more there are."""
+    more = f"\n  ... and {len(lines) - 5} more" if len(lines) > 5 else ""
+    return "".join(f"\n  {line}" for line in lines[:5]) + more
 
 
 def lines_dataset(path: str | Path, check_record: Callable[[dict], None], skip_bad_lines: bool) -> HFDataset:
@@ -375,83 +402,55 @@ class PretrainDataset(Dataset):
         return pad_collate(items, self.pad_token_id)
 
 
-def report_cut(data_path, samples: HFDataset, max_seq_len: int) -> None:
-    """Log how many samples (their "cut" column) were longer than max_seq_len and cut, naming the first one."""
-    cut = [line_no for line_no, was_cut in zip(samples["line_no"], samples["cut"]) if was_cut]
-    if cut:
-        logger.warning("%s: %d of %d samples are longer than --max_seq_len %d tokens and were cut (first: line %d)",
-                       data_path, len(cut), len(samples), max_seq_len, cut[0])
-
-
-def build_assistant_labels(tokenizer, messages: list[dict], tools: list[dict] | None = None):
-    """Render a conversation with the chat template and label only what the assistant writes.
-
-    The template wraps each assistant reply (reasoning, content, tool calls and its closing <|im_end|>)
-    in {% generation %}; apply_chat_template turns those spans into assistant_masks. Learning the
-    <|im_end|> is what teaches the model to stop.
-
-    Returns:
-        (input_ids, labels): two lists of equal length; labels are the input_ids inside assistant replies
-        and IGNORE_INDEX elsewhere (system, user, tool turns and the role headers).
-    """
-    encoded = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-    input_ids = encoded["input_ids"]
-    labels = [t if keep else IGNORE_INDEX for t, keep in zip(input_ids, encoded["assistant_masks"])]
-    return input_ids, labels
+def lines_where(samples: HFDataset, column: str) -> list[int]:
+    """The "line_no" of the samples whose boolean `column` ("cut", "dropped") is true."""
+    return [line_no for line_no, flag in zip(samples["line_no"], samples[column]) if flag]
 
 
 class SFTDataset(Dataset):
     """Chat conversations for supervised fine-tuning, loss on the assistant replies only.
 
-    Samples keep their own length (no padding here); collate pads a batch to its longest sample, and
-    `lengths` lets the trainer batch samples of similar length together.
+    Each conversation is rendered by build_assistant_labels (dataset/chat_format.py): labels are the token ids
+    of what the assistant writes, IGNORE_INDEX elsewhere. Samples keep their own length (no padding here);
+    collate pads a batch to its longest sample, and `lengths` lets the trainer batch samples of similar length
+    together.
 
     Args:
         data_path: jsonl of {"conversations": [...], "tools"?: [...]} lines (see the module docstring).
-        tokenizer: a Hugging Face tokenizer with the ChatML template of trainer/train_tokenizer.py.
-        max_seq_len: samples are cut to this many tokens (the count of cut samples is logged); a sample whose
-            first assistant token lies beyond max_seq_len would teach nothing: it is an error, or is skipped and
-            counted with skip_bad_lines.
-        skip_bad_lines: skip (and report) invalid lines and such samples instead of raising at the first.
+        tokenizer: a Hugging Face tokenizer with the ChatML tokens of trainer/train_tokenizer.py.
+        max_seq_len: samples are cut to this many tokens; a sample whose first assistant token lies beyond it
+            would teach nothing and is dropped (both counted and logged, see report_lengths).
+        skip_bad_lines: skip (and report) invalid lines instead of raising at the first.
     Items: {"input_ids": (L,), "labels": (L,)} with L <= max_seq_len.
     Raises:
-        DataFormatError for a bad file or line (file:line), or when no sample is left.
+        DataFormatError for a bad file or line (file:line), or when every sample is dropped.
     """
 
     def __init__(self, data_path: str | Path, tokenizer, max_seq_len: int, skip_bad_lines: bool = False):
         self.pad_token_id = tokenizer.pad_token_id
 
         def tokenize(batch):
-            out = {"input_ids": [], "labels": [], "line_no": [], "cut": [], "usable": []}
-            for line_no, line in zip(batch["line_no"], batch["json"]):
-                messages, tools = sft_messages_and_tools(json.loads(line))
-                input_ids, labels = build_assistant_labels(tokenizer, messages, tools)
-                usable = any(label != IGNORE_INDEX for label in labels[:max_seq_len])
-                if not usable and not skip_bad_lines:
-                    raise DataFormatError(
-                        f"{data_path}:{line_no}: the conversation is {len(input_ids)} tokens long and its first "
-                        f"assistant token comes after --max_seq_len {max_seq_len}; raise --max_seq_len, shorten "
-                        "the prompt, or pass --skip_bad_lines 1 to skip such samples")
-                out["usable"].append(usable)  # kept as a row here and filtered below, so skipped lines are reported
+            out = {"input_ids": [], "labels": [], "line_no": batch["line_no"], "cut": [], "dropped": []}
+            for line in batch["json"]:
+                input_ids, labels = build_assistant_labels(tokenizer, *sft_messages_and_tools(json.loads(line)))
+                # nothing to learn within max_seq_len: dropped below, after its line is reported
+                dropped = all(label == IGNORE_INDEX for label in labels[:max_seq_len])
+                out["dropped"].append(dropped)
+                out["cut"].append(not dropped and len(input_ids) > max_seq_len)
                 out["input_ids"].append(input_ids[:max_seq_len])
                 out["labels"].append(labels[:max_seq_len])
-                out["line_no"].append(line_no)
-                out["cut"].append(len(input_ids) > max_seq_len)
             return out
 
         lines = lines_dataset(data_path, check_sft_record, skip_bad_lines)
-        samples = lines.map(tokenize, batched=True, remove_columns=lines.column_names, desc="applying chat template")
-        unusable = [line_no for line_no, usable in zip(samples["line_no"], samples["usable"]) if not usable]
-        if unusable:
-            report_skipped(Path(data_path), [f"{data_path}:{n}: no assistant token within --max_seq_len "
-                                             f"{max_seq_len}" for n in unusable], len(samples), "conversations")
-            samples = samples.filter(lambda usable: usable, input_columns="usable")
-        if len(samples) == 0:
+        samples = lines.map(tokenize, batched=True, remove_columns=lines.column_names, desc="rendering conversations")
+        dropped = lines_where(samples, "dropped")
+        report_lengths(data_path, len(samples), lines_where(samples, "cut"), dropped, max_seq_len,
+                       "no assistant token within the limit")
+        if len(dropped) == len(samples):
             raise DataFormatError(f"{data_path}: no conversation has an assistant token within the first "
                                   f"--max_seq_len {max_seq_len} tokens; use a longer --max_seq_len")
-        report_cut(data_path, samples, max_seq_len)
-        samples = samples.remove_columns(["line_no", "cut", "usable"])
+        samples = samples.filter(lambda dropped: not dropped, input_columns="dropped")
+        samples = samples.remove_columns(["line_no", "cut", "dropped"])
         self.lengths = [len(ids) for ids in samples["input_ids"]]
         self.samples = samples.with_format("torch")
 
@@ -470,25 +469,15 @@ class SFTDataset(Dataset):
 def split_prompt_and_reply(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Tokens of a conversation's prompt and of its final assistant reply, as a model generating the reply sees them.
 
-    The prompt is every message but the last, rendered with the chat template and followed by the assistant header
-    (add_generation_prompt): the context after which the model starts to write. The reply is the rest of the
-    rendering up to and including its closing <|im_end|> (the eos token; what follows it is template layout),
-    tokenized on its own, as trl's DPOTrainer does, so that two replies to one prompt share the prompt's tokens
-    exactly even where the first characters of a reply would merge with the header into one token.
+    The prompt is every message but the last, followed by the assistant header (render_prompt): the context after
+    which the model starts to write. The reply is what the assistant writes, up to and including its closing
+    <|im_end|> (reply_ids), tokenized on its own, as trl's DPOTrainer does, so that two replies to one prompt share
+    the prompt's tokens exactly. The same tokens and the same labelled span as build_assistant_labels.
 
     Returns:
         (prompt_ids, reply_ids); prompt_ids + reply_ids is the sequence the reply is scored on.
-    Raises:
-        ValueError when the template renders the prompt differently as part of the whole conversation.
     """
-    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template renders the prompt differently when the reply follows it")
-    reply_end = full_text.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    reply_ids = tokenizer(full_text[len(prompt_text):reply_end], add_special_tokens=False)["input_ids"]
-    return prompt_ids, reply_ids
+    return render_prompt(tokenizer, messages[:-1]), reply_ids(tokenizer, messages[-1])
 
 
 class DPODataset(Dataset):
@@ -501,12 +490,13 @@ class DPODataset(Dataset):
     Truncation to max_seq_len keeps the replies, which the loss compares: a reply longer than max_seq_len - 1
     tokens is cut on the right, then the prompt is cut on the left to what the longer reply leaves, the same cut
     for both sides, so chosen and rejected are scored in the same context (at least the prompt's last token,
-    which predicts the reply's first).
+    which predicts the reply's first), as trl's DPOTrainer keeps the end of a long prompt. So no pair is dropped
+    for its length: unlike an SFT conversation, a pair's reply never starts beyond max_seq_len.
 
     Args:
         data_path: jsonl of {"chosen": [messages], "rejected": [messages]} lines (see check_dpo_record).
-        tokenizer: a Hugging Face tokenizer with the ChatML template of trainer/train_tokenizer.py.
-        max_seq_len: most tokens of each side (>= 2); the count of cut pairs is logged.
+        tokenizer: a Hugging Face tokenizer with the ChatML tokens of trainer/train_tokenizer.py.
+        max_seq_len: most tokens of each side (>= 2); cut pairs are counted and logged (report_lengths).
         skip_bad_lines: skip (and report) invalid lines instead of raising at the first.
     Items: {"chosen_input_ids", "chosen_labels": (Lc,), "rejected_input_ids", "rejected_labels": (Lr,)} with
         Lc, Lr <= max_seq_len; both sides start with the same prompt tokens.
@@ -525,18 +515,18 @@ class DPODataset(Dataset):
             for line in batch["json"]:
                 record = json.loads(line)
                 prompt_ids, chosen_ids = split_prompt_and_reply(tokenizer, record["chosen"])
-                rejected_ids = split_prompt_and_reply(tokenizer, record["rejected"])[1]
+                rejected_ids = reply_ids(tokenizer, record["rejected"][-1])  # the same prompt (check_dpo_record)
                 out["cut"].append(len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_seq_len)
                 chosen_ids, rejected_ids = chosen_ids[:max_seq_len - 1], rejected_ids[:max_seq_len - 1]
                 prompt_ids = prompt_ids[-(max_seq_len - max(len(chosen_ids), len(rejected_ids))):]
-                for side, reply_ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
-                    out[f"{side}_input_ids"].append(prompt_ids + reply_ids)
-                    out[f"{side}_labels"].append([IGNORE_INDEX] * len(prompt_ids) + reply_ids)
+                for side, reply in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+                    out[f"{side}_input_ids"].append(prompt_ids + reply)
+                    out[f"{side}_labels"].append([IGNORE_INDEX] * len(prompt_ids) + reply)
             return out
 
         lines = lines_dataset(data_path, check_dpo_record, skip_bad_lines)
-        pairs = lines.map(tokenize, batched=True, remove_columns=lines.column_names, desc="applying chat template")
-        report_cut(data_path, pairs, max_seq_len)
+        pairs = lines.map(tokenize, batched=True, remove_columns=lines.column_names, desc="rendering conversations")
+        report_lengths(data_path, len(pairs), lines_where(pairs, "cut"), [], max_seq_len)
         pairs = pairs.remove_columns(["line_no", "cut"])
         self.lengths = [max(len(c), len(r)) for c, r in zip(pairs["chosen_input_ids"], pairs["rejected_input_ids"])]
         self.pairs = pairs.with_format("torch")

@@ -34,15 +34,16 @@ non-commercial), any file of the same format with --data_path / --fewshot_path. 
 import argparse
 import itertools
 import json
-import re
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from dataset.lm_dataset import DataFormatError, pad_collate, read_jsonl
+from dataset.qa_format import build_prompt, extract_answer, normalize_number
 from model.loading import load_checkpoint
 from model.model_minimind import IGNORE_INDEX, token_logprobs
+from scripts.generation import generation_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "eval" / "data"
@@ -59,7 +60,6 @@ TASKS = {
 }
 GENERATIVE_TASKS = {"gsm8k"}
 STOP_STRING = "Question:"  # a few-shot prompt makes the model go on with a next question: the reply ends there
-NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")  # 18, -3, $1,200, 0.5
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,19 +112,6 @@ def fewshot_examples(pool: list[dict], by_subject: dict[str, list[dict]], record
         if example["question"] != record["question"] and all(example is not c for c in chosen):
             chosen.append(example)
     return chosen
-
-
-def build_prompt(shots: list[tuple[str, str]], question: str, tokenizer=None) -> str:
-    """The text the model continues: "Question: <q>\\nAnswer: <a>\\n\\n" per (q, a) shot, then the question.
-
-    With a tokenizer, that text is rendered as one user turn of its chat template, ready for the assistant's
-    reply (add_generation_prompt), for chat-tuned checkpoints.
-    """
-    text = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in shots) + f"Question: {question}\nAnswer:"
-    if tokenizer is None:
-        return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,28 +205,11 @@ def evaluate_multiple_choice(model, tokenizer, records: list[dict], pool: list[d
 # GSM8K: generate, extract the final number, exact match
 
 
-def normalize_number(text: str) -> str:
-    """A number as written -> its canonical string: "$1,200.00" -> "1200", "0.50" -> "0.5", "18." -> "18"."""
-    number = text.strip().replace(",", "").replace("$", "").rstrip(".")
-    if "." in number:
-        number = number.rstrip("0").rstrip(".")
-    return number
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a generated solution: the first number after "####" when the text has one (GSM8K's
-    answer mark), else the last number in the text; normalized. None when the text holds no number."""
-    if "####" in text:
-        numbers = NUMBER.findall(text.split("####", 1)[1])
-        return normalize_number(numbers[0]) if numbers else None
-    numbers = NUMBER.findall(text)
-    return normalize_number(numbers[-1]) if numbers else None
-
-
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, max_len: int,
                      batch_size: int = 16, progress: bool = False) -> list[str]:
-    """Greedy continuations of the prompts, each cut at the first STOP_STRING.
+    """Greedy continuations of the prompts (scripts.generation.generation_config at temperature 0: the decoding
+    of chat and the server at temperature 0), each cut at the first STOP_STRING.
 
     Prompts are cut from the left so prompt + reply fits max_len tokens, left-padded into batches (the model
     masks the padding), and generation stops at the end-of-turn / end-of-text token or STOP_STRING.
@@ -247,6 +217,8 @@ def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     keep = max(1, max_len - max_new_tokens)
     encoded = [ids[-keep:] for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     pad_id = tokenizer.pad_token_id or 0
+    greedy = generation_config(temperature=0, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                               eos_token_id=[tokenizer.eos_token_id, pad_id], stop_strings=[STOP_STRING])
     device = next(model.parameters()).device
     replies = []
     for start in tqdm(range(0, len(encoded), batch_size), desc="generating", unit="batch", disable=not progress):
@@ -254,9 +226,8 @@ def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         width = max(len(ids) for ids in batch)
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=pad_id, stop_strings=[STOP_STRING],
-                                tokenizer=tokenizer, eos_token_id=[tokenizer.eos_token_id, pad_id])
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, tokenizer=tokenizer,
+                                generation_config=greedy)
         texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
         replies += [text.split(STOP_STRING, 1)[0] for text in texts]
     return replies

@@ -4,6 +4,10 @@
     python scripts/chat.py --model_path out/full_sft_256 --prompt "Tell me a story."
     python scripts/chat.py --model_path out/pretrain_256 --raw 1 --prompt "Once upon a time"
     python scripts/chat.py --model_path out/lora_identity_256 --prompt "Who are you?"   # a LoRA adapter dir
+    python scripts/chat.py --weight full_sft --lora_weight lora_identity --hidden_size 256   # upstream's flags
+
+`--temperature 0` is plain greedy decoding, the reply transformers' `generate(do_sample=False)` and the server at
+temperature 0 give; the repetition penalty is off (1.0) unless `--repetition_penalty` sets it.
 
 Interactive commands: `/clear` forgets the history, `/exit` (or Ctrl-D) quits. With `--raw 1` the text is
 continued as it is, without the chat template: the way to try a pretrained-only checkpoint. A reasoning model's
@@ -16,7 +20,8 @@ import sys
 import torch
 
 from model.loading import load_checkpoint
-from scripts.generation import ReplyStream, add_chat_flags, add_checkpoint_flags, build_messages, prompt_ids
+from scripts.generation import (ReplyStream, add_chat_flags, add_checkpoint_flags, build_messages, prompt_ids,
+                                resolve_checkpoint_flags)
 
 
 def parse_args(argv=None):
@@ -29,7 +34,7 @@ def parse_args(argv=None):
                         help="1: continue the prompt as plain text, no chat template (for pretrained checkpoints)")
     add_chat_flags(parser)
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: none)")
-    return parser.parse_args(argv)
+    return resolve_checkpoint_flags(parser.parse_args(argv))
 
 
 def stream_reply(model, tokenizer, ids: list[int], args) -> str:
@@ -78,7 +83,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = load_checkpoint(args.model_path, args.device, args.base_model_path)
+    model, tokenizer = load_checkpoint(args.model_path, args.device, args.base_model_path, args.dtype)
     history: list[dict] = []
     for message in user_messages(args):
         if message == "/clear":

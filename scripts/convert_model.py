@@ -1,9 +1,12 @@
-r"""Convert a MiniMind checkpoint for other tools: stock transformers (Qwen3) and back, LoRA merged, GGUF.
+r"""Convert a MiniMind checkpoint for other tools: stock transformers (Qwen3) and back, LoRA merged, GGUF, and
+read upstream MiniMind's own .pth weights.
 
     python scripts/convert_model.py to_hf --model_path out/full_sft_256 --output_dir out/full_sft_256_hf
     python scripts/convert_model.py from_hf --model_path path/to/Qwen3-dir --output_dir out/qwen3_minimind
     python scripts/convert_model.py merge_lora --model_path out/lora_identity_256 --output_dir out/lora_merged_256
     python scripts/convert_model.py to_gguf --model_path out/full_sft_256 --outtype q8_0   # out/full_sft_256-q8_0.gguf
+    python scripts/convert_model.py from_minimind --input path/full_sft_768.pth --tokenizer path/minimind/model \
+        --output out/full_sft_768
 
 to_hf      MiniMind's architecture and parameter names are Qwen3's (Qwen3-MoE's for MoE; model/model_minimind.py),
            so the weights, tokenizer, chat template and generation config are copied byte for byte and only
@@ -16,10 +19,14 @@ merge_lora a LoRA adapter directory (trainer/train_lora.py, or PEFT) merged into
 to_gguf    one GGUF file for llama.cpp, llama-cpp-python and ollama: Qwen3 architecture, the tokenizer (byte-level
            BPE with its merges, special tokens, chat template) and the weights in f32, f16, bf16, q8_0, q4_0
            or q4_k_m (llama.cpp's quantizer).
+from_minimind a state dict saved by upstream MiniMind's trainers (jingyaogong/minimind, MiniMind-3: the same
+           parameter names as ours), e.g. full_sft_768.pth in float16, becomes a checkpoint directory (float32):
+           the shape is read off the tensors, the load is strict (a missing or unexpected tensor is named), and
+           the tokenizer is upstream's (--tokenizer): it is not the one shipped here.
 
-After to_hf, from_hf and merge_lora the result is opened again and its logits are compared with the original's
-(float32, one random sequence); a difference above 1e-4 stops with an error. GGUF files are checked by
-tests/test_convert_model.py in llama-cpp-python (same greedy tokens as MiniMind).
+After to_hf, from_hf, merge_lora and from_minimind the result is opened again (strictly) and its logits are compared
+with the original's (float32, one random sequence); a difference above 1e-4 stops with an error. GGUF files are
+checked by tests/test_convert_model.py in llama-cpp-python (same greedy tokens as MiniMind).
 """
 
 import argparse
@@ -30,8 +37,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwen3Config, Qwen3MoeConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from model.hf_config import minimind_config_of, qwen3_config_of
 from model.loading import default_device, load_checkpoint, load_pretrained
 from model.model_lora import load_lora, read_adapter_config
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
@@ -39,50 +47,6 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOGIT_TOLERANCE = 1e-4  # max |logit difference| accepted in float32: rounding, not a different computation
 CHECK_TOKENS = 32  # length of the random sequence the logits are compared on
-
-# ----------------------------------------------------------------------------------------------------------------
-# MiniMind <-> stock transformers Qwen3: the same fields under the same names, so a config maps field by field
-
-SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters",
-                 "max_position_embeddings", "attention_dropout", "initializer_range", "tie_word_embeddings",
-                 "pad_token_id", "bos_token_id", "eos_token_id", "dtype")
-MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "router_aux_loss_coef")
-
-
-def fields_of(config: PretrainedConfig, names: tuple[str, ...]) -> dict:
-    """{name: config.name} for `names`; rope_parameters copied, not shared."""
-    fields = {name: getattr(config, name) for name in names}
-    fields["rope_parameters"] = dict(fields["rope_parameters"])
-    return fields
-
-
-def qwen3_config_of(config: MiniMindConfig) -> PretrainedConfig:
-    """The stock transformers Qwen3 (dense) or Qwen3-MoE config with the same shapes as a MiniMind config."""
-    if not config.use_moe:
-        return Qwen3Config(**fields_of(config, SHARED_FIELDS), architectures=["Qwen3ForCausalLM"])
-    return Qwen3MoeConfig(**fields_of(config, SHARED_FIELDS + MOE_FIELDS), architectures=["Qwen3MoeForCausalLM"])
-
-
-def minimind_config_of(config: PretrainedConfig) -> MiniMindConfig:
-    """The MiniMind config of a stock Qwen3 / Qwen3-MoE config (the inverse of qwen3_config_of).
-
-    The MoE fields of a dense model, which it does not use, take MiniMind's defaults.
-    Raises:
-        ValueError: another model type, or a Qwen3 option MiniMind does not implement (attention biases,
-            sliding-window attention, dense layers between MoE layers).
-    """
-    if config.model_type not in ("qwen3", "qwen3_moe"):
-        raise ValueError(f"model_type {config.model_type!r}; expected a Qwen3 ('qwen3') or Qwen3-MoE ('qwen3_moe') config")
-    unsupported = [option for option, used in (
-        ("attention_bias", getattr(config, "attention_bias", False)),
-        ("use_sliding_window", getattr(config, "use_sliding_window", False)),
-        ("mlp_only_layers", getattr(config, "mlp_only_layers", None)),
-        ("decoder_sparse_step != 1", getattr(config, "decoder_sparse_step", 1) != 1)) if used]
-    if unsupported:
-        raise ValueError(f"Qwen3 options MiniMind does not implement: {', '.join(unsupported)}")
-    use_moe = config.model_type == "qwen3_moe"
-    return MiniMindConfig(**fields_of(config, SHARED_FIELDS + (MOE_FIELDS if use_moe else ())), use_moe=use_moe)
 
 
 def copy_files(source: Path, target: Path, skip) -> None:
@@ -162,7 +126,7 @@ def merge_adapter(adapter_path: str | Path, output_dir: str | Path, base_model_p
         raise SystemExit(f"error: --model_path {source}: no adapter_config.json there; pass a LoRA adapter directory")
     if target.resolve() == source.resolve():
         raise SystemExit(f"error: --output_dir {target} is the adapter itself; choose a new directory")
-    model, tokenizer = load_checkpoint(source, device="cpu", base_model_path=base_model_path)
+    model, tokenizer = load_checkpoint(source, device="cpu", base_model_path=base_model_path, dtype="float32")
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
@@ -196,6 +160,146 @@ def require_same_logits(reference, converted, output: Path, device: str) -> floa
         raise SystemExit(f"error: {output} computes different logits (max |difference| {difference:.2e} > "
                          f"{LOGIT_TOLERANCE:.0e}); do not use it")
     return difference
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Upstream MiniMind's .pth state dicts
+#
+# jingyaogong/minimind's trainers save `torch.save({k: v.half() for k, v in model.state_dict().items()},
+# f"{save_dir}/{save_weight}_{hidden_size}[_moe].pth")`, e.g. full_sft_768.pth. Its model/model_minimind.py
+# (MiniMind-3, since 2026-03) names the parameters as Qwen3 does, as ours are named:
+#   model.embed_tokens.weight, model.norm.weight, lm_head.weight (tied to the embedding: both keys, equal values)
+#   model.layers.N.{input_layernorm,post_attention_layernorm}.weight
+#   model.layers.N.self_attn.{q,k,v,o}_proj.weight, model.layers.N.self_attn.{q,k}_norm.weight (one head wide)
+#   dense: model.layers.N.mlp.{gate,up,down}_proj.weight
+#   MoE:   model.layers.N.mlp.gate.weight (the router), model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight
+# So the tensors load under their own names and the config is read off their shapes. Only what no shape shows
+# comes from flags, with upstream's defaults: rope_theta 1e6, max_position_embeddings 32768, num_experts_per_tok 1
+# (rms_norm_eps 1e-6, norm_topk_prob and silu are both projects' defaults). MiniMind2 checkpoints (2025) are
+# another network (no q_norm / k_norm, MoE shared experts); the strict load refuses them by name.
+
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+UPSTREAM_LAYOUT = ("the layout is that of model/model_minimind.py in jingyaogong/minimind since 2026-03 "
+                   "(MiniMind-3); MiniMind2 checkpoints, without q_norm/k_norm, are another network")
+NAMES_SHOWN = 8  # a refusal names this many tensors of each kind, then counts the rest
+
+
+def read_minimind_pth(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in an upstream MiniMind .pth file, read with weights_only=True (no pickled code runs).
+
+    Raises:
+        SystemExit: no such file, not a torch.save file of tensors, or a resume state rather than weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: --input {path}: no such file")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle.UnpicklingError, RuntimeError (not a zip file), EOFError, ...
+        raise SystemExit(f"error: --input {path}: not a state dict written by torch.save "
+                         f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
+        raise SystemExit(f"error: --input {path}: a resume state (model, optimizer, ...); pass the weights file "
+                         "the trainer saves beside it, <save_weight>_<hidden_size>[_moe].pth")
+    if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise SystemExit(f"error: --input {path}: not a state dict (a dict of tensors)")
+    return state_dict
+
+
+def tensor_list(names) -> str:
+    """The first NAMES_SHOWN of `names`, sorted, and how many more there are."""
+    names = sorted(names)
+    more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+    return ", ".join(names[:NAMES_SHOWN]) + more
+
+
+def minimind_config_of_state_dict(state_dict: dict[str, torch.Tensor], **fields) -> MiniMindConfig:
+    """The MiniMind config an upstream state dict's shapes describe: vocabulary and width from the embedding,
+    head width from q_norm, query and key/value heads from q_proj and k_proj over it, layers from the layer
+    indices, the MLP (or, when a router mlp.gate is there, the experts') width, tied embeddings when lm_head
+    is absent or equals the embedding. `fields`: what the shapes cannot tell (rope_theta, ...).
+
+    Raises:
+        ValueError: a tensor the shapes are read from is missing (naming it).
+    """
+    def rows(name: str) -> int:
+        if name not in state_dict:
+            raise ValueError(f"missing: {name}")
+        return state_dict[name].shape[0]
+
+    embedding = "model.embed_tokens.weight"
+    vocab_size, hidden_size = rows(embedding), state_dict[embedding].shape[1]
+    head_dim = rows("model.layers.0.self_attn.q_norm.weight")
+    use_moe = "model.layers.0.mlp.gate.weight" in state_dict
+    if use_moe:
+        intermediate_size = rows("model.layers.0.mlp.experts.0.gate_proj.weight")
+        moe = dict(num_experts=rows("model.layers.0.mlp.gate.weight"), moe_intermediate_size=intermediate_size)
+    else:
+        intermediate_size, moe = rows("model.layers.0.mlp.gate_proj.weight"), {}
+    lm_head = state_dict.get("lm_head.weight")
+    return MiniMindConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=1 + max(int(found[1]) for key in state_dict if (found := LAYER_KEY.match(key))),
+        num_attention_heads=rows("model.layers.0.self_attn.q_proj.weight") // head_dim,
+        num_key_value_heads=rows("model.layers.0.self_attn.k_proj.weight") // head_dim, head_dim=head_dim,
+        use_moe=use_moe, tie_word_embeddings=lm_head is None or torch.equal(lm_head, state_dict[embedding]),
+        **moe, **fields)
+
+
+def load_minimind_state_dict(state_dict: dict[str, torch.Tensor], config: MiniMindConfig) -> MiniMindForCausalLM:
+    """A float32 MiniMindForCausalLM(config) holding `state_dict`, loaded strictly: every tensor the model has,
+    with its shape, and nothing else (a tied lm_head may be left out: it is the embedding).
+
+    Raises:
+        ValueError: naming the missing, unexpected and misshapen tensors.
+    """
+    model = MiniMindForCausalLM(config)
+    if config.tie_word_embeddings and "lm_head.weight" not in state_dict:
+        state_dict = {**state_dict, "lm_head.weight": state_dict["model.embed_tokens.weight"]}
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    misshapen = [f"{name} {tuple(state_dict[name].shape)} vs {tuple(shape)}" for name, shape in expected.items()
+                 if name in state_dict and state_dict[name].shape != shape]
+    problems = [f"{kind}: {tensor_list(names)}" for kind, names in (
+        ("missing", expected.keys() - state_dict.keys()), ("unexpected", state_dict.keys() - expected.keys()),
+        ("mismatched shapes", misshapen)) if names]
+    if problems:
+        raise ValueError("; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def import_minimind(pth_path: str | Path, output_dir: str | Path, tokenizer_dir: str | Path,
+                    **fields) -> MiniMindForCausalLM:
+    """Write upstream MiniMind's state dict `pth_path` as a MiniMind checkpoint directory in `output_dir`.
+
+    The config comes from the tensors' shapes (minimind_config_of_state_dict) and `fields`; the weights load
+    strictly and are saved in float32, as the training stages save theirs (float16 values are exact there),
+    with the tokenizer of `tokenizer_dir`.
+    Returns:
+        the model written, in float32: the reference the written directory is checked against.
+    Raises:
+        SystemExit: an unreadable file (read_minimind_pth), tensors that are not upstream MiniMind-3's, or a
+            tokenizer that cannot be read or is larger than the embedding.
+    """
+    if Path(output_dir).is_file():
+        raise SystemExit(f"error: --output_dir {output_dir} is a file; choose a directory")
+    state_dict = read_minimind_pth(pth_path)
+    try:
+        model = load_minimind_state_dict(state_dict, minimind_config_of_state_dict(state_dict, **fields))
+    except ValueError as error:
+        raise SystemExit(f"error: --input {pth_path}: not the tensors of an upstream MiniMind-3 model ({error}); "
+                         f"{UPSTREAM_LAYOUT}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: --tokenizer {tokenizer_dir}: no tokenizer there "
+                         f"({str(error).splitlines()[0]})") from None
+    if len(tokenizer) > model.config.vocab_size:
+        raise SystemExit(f"error: --tokenizer {tokenizer_dir}: {len(tokenizer)} tokens, more than the model's "
+                         f"{model.config.vocab_size} embeddings; pass the tokenizer the checkpoint was trained with")
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,7 +514,8 @@ def write_gguf_with_gguf_package(model: MiniMindForCausalLM, tokenizer, outfile:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{to_hf,from_hf,merge_lora,to_gguf}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{to_hf,from_hf,merge_lora,to_gguf,from_minimind}")
 
     def command(name: str, help: str, model_path_help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
@@ -418,20 +523,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         return sub
 
     def add_output_dir(sub: argparse.ArgumentParser, default: str) -> None:
-        sub.add_argument("--output_dir", default=None, help=f"where the result goes (default: <model_path>_{default})")
+        sub.add_argument("--output_dir", "--output", default=None, help=f"where the result goes (default: {default})")
         sub.add_argument("--device", default=None,
                          help="where the result's logits are checked against the original's, in float32: "
                               "cuda, mps or cpu (default: the first available in that order)")
 
     add_output_dir(command("to_hf", "export a MiniMind checkpoint as a stock transformers Qwen3 directory",
-                           "MiniMind checkpoint directory written by a training stage"), "hf")
+                           "MiniMind checkpoint directory written by a training stage"), "<model_path>_hf")
     add_output_dir(command("from_hf", "import a stock transformers Qwen3 / Qwen3-MoE directory as a MiniMind checkpoint",
-                           "Qwen3 or Qwen3-MoE directory (config.json, safetensors weights, tokenizer)"), "minimind")
+                           "Qwen3 or Qwen3-MoE directory (config.json, safetensors weights, tokenizer)"),
+                   "<model_path>_minimind")
     merge = command("merge_lora", "merge a LoRA adapter into its base model; write an ordinary weights directory",
                     "LoRA adapter directory (adapter_config.json, adapter_model.safetensors)")
     merge.add_argument("--base_model_path", default=None,
                        help="the base checkpoint (default: the one named in the adapter's adapter_config.json)")
-    add_output_dir(merge, "merged")
+    add_output_dir(merge, "<model_path>_merged")
     gguf_command = command("to_gguf", "write a GGUF file for llama.cpp, llama-cpp-python and ollama",
                            "MiniMind checkpoint directory, or a LoRA adapter directory (merged first)")
     gguf_command.add_argument("--base_model_path", default=None,
@@ -441,8 +547,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    "an f16 scale), q4_0 (4-bit, the same blocks), q4_k_m (llama.cpp's 4-bit "
                                    "K-quant mix, needs llama-cpp-python); norms stay f32 (default: %(default)s)")
     gguf_command.add_argument("--outfile", default=None, help="the .gguf file (default: <model_path>-<outtype>.gguf)")
+    upstream = commands.add_parser("from_minimind", help="import a .pth state dict of upstream MiniMind's trainers "
+                                   "(jingyaogong/minimind) as a MiniMind checkpoint directory",
+                                   description="import a .pth state dict of upstream MiniMind's trainers "
+                                               "(jingyaogong/minimind, MiniMind-3) as a MiniMind checkpoint directory; "
+                                               "the model's shape is read off the tensors")
+    upstream.add_argument("--input", required=True,
+                          help="the .pth file, e.g. out/full_sft_768.pth (read with torch.load(weights_only=True): "
+                               "tensors only, no pickled code runs)")
+    upstream.add_argument("--tokenizer", required=True,
+                          help="upstream MiniMind's tokenizer directory (tokenizer.json, tokenizer_config.json: the "
+                               "model/ folder of its repository, or of a published MiniMind model); the tokenizer "
+                               "shipped here is another 6400-token vocabulary")
+    upstream.add_argument("--rope_theta", type=float, default=1e6,
+                          help="RoPE base the model was trained with (default: %(default)s, upstream's)")
+    upstream.add_argument("--max_position_embeddings", type=int, default=32768,
+                          help="context length in tokens the config records (default: %(default)s, upstream's)")
+    upstream.add_argument("--num_experts_per_tok", type=int, default=1,
+                          help="MoE: experts each token is routed to (default: %(default)s, upstream's)")
+    add_output_dir(upstream, "the --input path without .pth, e.g. out/full_sft_768")
     args = parser.parse_args(argv)
-    args.model_path = args.model_path.rstrip("/")
+    if args.command != "from_minimind":
+        args.model_path = args.model_path.rstrip("/")
     return args
 
 
@@ -450,15 +576,19 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.command == "to_gguf":
         outfile = Path(args.outfile or f"{args.model_path}-{args.outtype}.gguf")
-        model, tokenizer = load_checkpoint(args.model_path, device="cpu", base_model_path=args.base_model_path)
+        model, tokenizer = load_checkpoint(args.model_path, device="cpu", base_model_path=args.base_model_path,
+                                           dtype="float32")  # the stored weights, not bfloat16-rounded ones
         try:
             write_gguf(model, tokenizer, outfile, args.outtype, name=Path(args.model_path).name)
         except ValueError as error:
             raise SystemExit(f"error: --model_path {args.model_path}: {error}") from None
         print(f"wrote {outfile} ({outfile.stat().st_size / 2**20:.1f} MiB, {args.outtype})")
         return
-    suffix = {"to_hf": "hf", "from_hf": "minimind", "merge_lora": "merged"}[args.command]
-    output = Path(args.output_dir or f"{args.model_path}_{suffix}")
+    if args.command == "from_minimind":
+        output = Path(args.output_dir or Path(args.input).with_suffix(""))
+    else:
+        suffix = {"to_hf": "hf", "from_hf": "minimind", "merge_lora": "merged"}[args.command]
+        output = Path(args.output_dir or f"{args.model_path}_{suffix}")
     device = args.device or default_device()
     if args.command == "to_hf":
         export_hf(args.model_path, output)
@@ -467,6 +597,11 @@ def main(argv=None) -> None:
     elif args.command == "from_hf":
         import_hf(args.model_path, output)
         reference = AutoModelForCausalLM.from_pretrained(args.model_path)
+        converted = load_pretrained(output, "--output_dir")
+    elif args.command == "from_minimind":
+        reference = import_minimind(args.input, output, args.tokenizer, rope_theta=args.rope_theta,
+                                    max_position_embeddings=args.max_position_embeddings,
+                                    num_experts_per_tok=args.num_experts_per_tok)
         converted = load_pretrained(output, "--output_dir")
     else:
         merge_adapter(args.model_path, output, args.base_model_path)

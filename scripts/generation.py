@@ -10,8 +10,9 @@ what the chat template puts around an answer: the reasoning in <think>...</think
     reply.content, reply.reasoning, reply.finish_reason, len(reply.token_ids)
 
 The streamed pieces always add up to the final fields, and `reply.token_ids` are exactly the ids that
-`model.generate(prompt, max_new_tokens=..., eos_token_id=[<|im_end|>, <|endoftext|>])` returns after the
-prompt (same sampling settings, same seed).
+`model.generate(prompt, generation_config=generation_config(...))` returns after the prompt (same settings, same
+seed). `generation_config` is the one decoding setup of every front end, eval/ and the export checks: temperature 0
+is plain greedy decoding, and the repetition penalty is off unless asked for.
 """
 
 import argparse
@@ -25,8 +26,11 @@ from threading import Event, Thread
 from typing import Callable, Iterator, NoReturn
 
 import torch
+from transformers import GenerationConfig
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+
+from dataset.chat_format import render_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -34,6 +38,9 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 # A byte-level tokenizer decodes an unfinished UTF-8 character (its first bytes only) to this replacement character
 UNFINISHED_CHARACTER = "\ufffd"
+# the checkpoint the front ends open by default: what trainer/train_full_sft.py writes with its default flags
+DEFAULT_SAVE_DIR, DEFAULT_WEIGHT, DEFAULT_HIDDEN_SIZE = REPO_ROOT / "out", "full_sft", 256
+DEFAULT_REPETITION_PENALTY = 1.0  # off: the same default in chat, the web demo, the server and transformers
 
 
 def serve_extra_missing(error: ModuleNotFoundError, parse_args: Callable, module_name: str) -> NoReturn:
@@ -46,16 +53,79 @@ def serve_extra_missing(error: ModuleNotFoundError, parse_args: Callable, module
     raise SystemExit(f'error: {error.name} is not installed; install the serving libraries: pip install -e ".[serve]"')
 
 
-def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
-    """--model_path, --base_model_path, --device: which checkpoint to open and where (see model.loading)."""
-    parser.add_argument("--model_path", default=str(REPO_ROOT / "out" / "full_sft_256"),
+def add_checkpoint_flags(parser: argparse.ArgumentParser, save_dir_names: tuple[str, ...] = ("--save_dir",)) -> None:
+    """--model_path, --base_model_path, --device, --dtype: which checkpoint to open and how (model.loading); and
+    upstream MiniMind's names for the same choice: --load_from (= --model_path), --weight / --lora_weight under
+    --save_dir (`save_dir_names`: that flag's names), picked by --hidden_size and --use_moe as the trainer names
+    its directories. `resolve_checkpoint_flags` turns them into model_path and base_model_path."""
+    parser.add_argument("--model_path", "--load_from", default=None,
                         help="checkpoint directory written by a training stage, or a LoRA adapter directory "
-                             "(default: %(default)s)")
+                             f"(default: <save_dir>/{DEFAULT_WEIGHT}_<hidden_size>, i.e. "
+                             f"{DEFAULT_SAVE_DIR / f'{DEFAULT_WEIGHT}_{DEFAULT_HIDDEN_SIZE}'})")
     parser.add_argument("--base_model_path", default=None,
                         help="for a LoRA adapter directory: the base checkpoint (default: the one the adapter "
                              "was trained on, from its adapter_config.json)")
     parser.add_argument("--device", default=None,
                         help="cuda, mps or cpu (default: the first available in that order)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="dtype the model runs in; auto: bfloat16 on CUDA GPUs that have it and on CPUs whose "
+                             "bfloat16 matrix products are faster (timed), else float32 (default: %(default)s)")
+    upstream = parser.add_argument_group(
+        "a checkpoint by stage name, as upstream MiniMind's scripts pick one (instead of --model_path)")
+    upstream.add_argument("--weight", default=None,
+                          help=f"stage name: opens <save_dir>/<weight>_<hidden_size>[_moe] (default: {DEFAULT_WEIGHT})")
+    upstream.add_argument("--lora_weight", default=None,
+                          help="LoRA adapter name: opens <save_dir>/<lora_weight>_<hidden_size>[_moe] on the base "
+                               "that --weight or --model_path names (default: none; None also means none)")
+    upstream.add_argument(*save_dir_names, dest="save_dir", default=str(DEFAULT_SAVE_DIR),
+                          help="directory of the checkpoint directories (default: %(default)s)")
+    upstream.add_argument("--hidden_size", type=int, default=DEFAULT_HIDDEN_SIZE,
+                          help="the <hidden_size> in the directory names, as the trainer wrote them "
+                               "(default: %(default)s)")
+    upstream.add_argument("--use_moe", type=int, default=0, choices=[0, 1],
+                          help="1: the MoE checkpoints, whose directory names end in _moe (default: %(default)s)")
+
+
+def resolve_checkpoint_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """Set args.model_path (and for --lora_weight args.base_model_path) from the checkpoint flags; return args.
+
+    --model_path wins when given; else --weight (default DEFAULT_WEIGHT) names <save_dir>/<weight>_<hidden_size>
+    [_moe]. --lora_weight makes that checkpoint the base of the adapter <save_dir>/<lora_weight>_<hidden_size>[_moe]
+    (with neither --model_path nor --weight, the base the adapter names in its adapter_config.json).
+    Raises:
+        SystemExit: --model_path with --weight, --lora_weight with --base_model_path, or a --weight / --lora_weight
+            with no checkpoint in --save_dir (the message lists those there).
+    """
+    lora_weight = None if args.lora_weight in (None, "None", "none") else args.lora_weight
+    if args.model_path is not None and args.weight is not None:
+        raise SystemExit(f"error: --model_path {args.model_path} and --weight {args.weight} name two checkpoints; "
+                         "give one")
+    if lora_weight and args.base_model_path is not None:
+        raise SystemExit("error: --lora_weight puts the adapter on the base --weight or --model_path names; "
+                         "drop --base_model_path")
+    base = args.model_path or (stage_dir(args, args.weight, "--weight") if args.weight else None)
+    if lora_weight:
+        args.model_path, args.base_model_path = stage_dir(args, lora_weight, "--lora_weight"), base
+    else:
+        args.model_path = base or str(Path(args.save_dir) / checkpoint_dir_name(DEFAULT_WEIGHT, args))
+    return args
+
+
+def checkpoint_dir_name(weight: str, args: argparse.Namespace) -> str:
+    """The trainer's name for a stage's directory: <weight>_<hidden_size>[_moe], e.g. full_sft_512_moe."""
+    return f"{weight}_{args.hidden_size}{'_moe' if args.use_moe else ''}"
+
+
+def stage_dir(args: argparse.Namespace, weight: str, flag: str) -> str:
+    """<save_dir>/<weight>_<hidden_size>[_moe], or SystemExit listing the checkpoints --save_dir holds."""
+    save_dir = Path(args.save_dir)
+    directory = save_dir / checkpoint_dir_name(weight, args)
+    if not any((directory / name).is_file() for name in ("config.json", "adapter_config.json")):
+        held = sorted(path.name for path in save_dir.iterdir() if (path / "config.json").is_file()
+                      or (path / "adapter_config.json").is_file()) if save_dir.is_dir() else []
+        raise SystemExit(f"error: {flag} {weight}: no checkpoint at {directory} (--hidden_size {args.hidden_size}, "
+                         f"--use_moe {args.use_moe}); {save_dir} holds {', '.join(held) or 'no checkpoint'}")
+    return str(directory)
 
 
 def add_chat_flags(parser: argparse.ArgumentParser) -> None:
@@ -66,8 +136,9 @@ def add_chat_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.85,
                         help="sampling temperature; 0 means greedy decoding (default: 0.85)")
     parser.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling probability mass (default: 0.85)")
-    parser.add_argument("--repetition_penalty", type=float, default=1.1,
-                        help="divides the logits of already generated tokens, 1.0 = off (default: 1.1)")
+    parser.add_argument("--repetition_penalty", type=float, default=DEFAULT_REPETITION_PENALTY,
+                        help="divides the logits of tokens already in the text (CTRL), at every temperature; "
+                             "1.0 = off, as in the server and transformers (default: %(default)s)")
     parser.add_argument("--history_turns", type=int, default=8,
                         help="earlier user/assistant exchanges kept in the context (default: 8)")
     parser.add_argument("--show_thinking", type=int, default=0, choices=[0, 1],
@@ -83,25 +154,42 @@ def build_messages(history: list[dict], system_prompt: str | None, history_turns
 
 
 def prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-    """Token ids of `messages` rendered with the tokenizer's chat template, ending with the opening of the
-    assistant's turn (add_generation_prompt). `tools` (OpenAI function schemas) go into the system turn.
+    """Token ids of `messages` rendered as in training (dataset/chat_format.py: the chat template's layout, built
+    in Python), ending with the opening of the assistant's turn. `tools` (OpenAI function schemas) go into the
+    system turn. Control tokens typed inside a message (<|im_start|>, <|im_end|>, ...) stay plain text, so a user
+    cannot open a turn of another role.
 
     Raises:
-        jinja2.TemplateError: when the template refuses the conversation (an unknown role, a system message
-            that is not first).
+        ValueError: when the conversation is refused (an unknown role, a system message that is not first).
     """
-    text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return render_prompt(tokenizer, messages, tools or None)
 
 
-def sampling_options(temperature: float, top_p: float) -> dict:
-    """`generate` arguments for a temperature and a nucleus mass: greedy (argmax) when temperature == 0, else
-    sampling from softmax(logits / temperature) cut to the top_p mass (Holtzman et al. 2019). top_k is switched
-    off (transformers would otherwise apply its default top_k=50), so the two settings alone shape the sampling,
-    as in the OpenAI API."""
+def generation_config(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
+                      repetition_penalty: float = DEFAULT_REPETITION_PENALTY, **options) -> GenerationConfig:
+    """The one decoding setup of chat, the web demo, the server, eval/ and the export checks, for `generate`.
+
+    temperature 0 is greedy decoding: the most probable token at every step (do_sample=False), the tokens of
+    transformers' `generate(do_sample=False)`, of llama.cpp at temp 0 and of an OpenAI server at temperature 0.
+    Otherwise tokens are sampled from softmax(logits / temperature) cut to the top_p mass (Holtzman et al. 2019);
+    top_k is switched off (transformers would apply its default top_k=50), so the two settings alone shape the
+    sampling, as in the OpenAI API.
+
+    repetition_penalty is CTRL's (Keskar et al. 2019): logits of tokens already in the sequence are divided by it
+    (multiplied when negative). It is 1.0 (off) by default in every front end, so "greedy" with default flags is
+    plain greedy everywhere; a penalty the user sets applies at every temperature, greedy included (as in vLLM
+    and transformers).
+
+    Args:
+        options: further GenerationConfig fields (eos_token_id, pad_token_id, stop_strings, ...).
+    Fields left unset here come from the checkpoint's generation_config.json when `generate` runs.
+    """
     if temperature == 0:
-        return {"do_sample": False}
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        sampling = {"do_sample": False}
+    else:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    return GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, **sampling,
+                            **options)
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
@@ -189,9 +277,7 @@ class ReplyStream:
     Args:
         prompt_ids: the conversation's token ids (`prompt_ids`).
         max_new_tokens: tokens generated at most.
-        temperature, top_p: see `sampling_options` (temperature 0: greedy).
-        repetition_penalty: CTRL's penalty (Keskar et al. 2019): logits of tokens already in the sequence are
-            divided by it (multiplied when negative); 1.0 is off.
+        temperature, top_p, repetition_penalty: see `generation_config` (temperature 0: greedy; penalty 1.0: off).
         stop: strings that end the reply where they first appear (they are not part of it).
         parse_tools: take <tool_call> blocks out of the answer into `tool_calls` (held back while streaming).
         seed: seeds torch's generator right before generating, for reproducible sampling (torch takes
@@ -211,15 +297,15 @@ class ReplyStream:
     """
 
     def __init__(self, model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, repetition_penalty: float = 1.0, stop: list[str] = (),
+                 top_p: float = 1.0, repetition_penalty: float = DEFAULT_REPETITION_PENALTY, stop: list[str] = (),
                  parse_tools: bool = False, seed: int | None = None, lock: AbstractContextManager | None = None,
                  timeout_s: float | None = None):
         self.model, self.tokenizer, self.prompt = model, tokenizer, prompt_ids
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._stop = Event()  # set by cancel(), or when the reader leaves early
-        self.generate_options = dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                                     **sampling_options(temperature, top_p))
         self.eos_ids = [tokenizer.eos_token_id, tokenizer.pad_token_id]  # <|im_end|> ends a turn, <|endoftext|> a text
+        self.generation = generation_config(temperature, top_p, max_new_tokens, repetition_penalty,
+                                            eos_token_id=self.eos_ids, pad_token_id=tokenizer.pad_token_id)
         self.stop, self.parse_tools, self.seed = [s for s in stop if s], parse_tools, seed
         self.lock = lock or nullcontext()
         self.token_ids: list[int] = []
@@ -303,8 +389,8 @@ class ReplyStream:
                 input_ids = torch.tensor([self.prompt], device=self.model.device)
                 self.model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                    eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
-                    stopping_criteria=StoppingCriteriaList([_StopWhen(self._should_stop)]), **self.generate_options,
+                    generation_config=self.generation,
+                    stopping_criteria=StoppingCriteriaList([_StopWhen(self._should_stop)]),
                 )
         except Exception as error:  # handed to the reading thread, which raises it
             streamer.queue.put(error)

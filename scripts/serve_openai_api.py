@@ -33,10 +33,10 @@ from pathlib import Path
 from threading import Lock
 from typing import Annotated, Literal
 
-import jinja2
 
 from model.loading import load_checkpoint
-from scripts.generation import ReplyStream, add_checkpoint_flags, serve_extra_missing, prompt_ids
+from scripts.generation import (ReplyStream, add_checkpoint_flags, prompt_ids, resolve_checkpoint_flags,
+                                serve_extra_missing)
 
 
 def parse_args(argv=None):
@@ -62,7 +62,7 @@ def parse_args(argv=None):
                         help="seconds a request may take once read (waiting for the model included): then its "
                              "reply ends with the text generated so far and finish_reason \"length\"; 0: no limit "
                              "(default: %(default)s)")
-    args = parser.parse_args(argv)
+    args = resolve_checkpoint_flags(parser.parse_args(argv))
     if args.max_tokens_cap < 1:
         parser.error(f"--max_tokens_cap {args.max_tokens_cap}: must be at least 1 token")
     if args.max_request_bytes < 1:
@@ -124,7 +124,7 @@ class Message(BaseModel):
     def for_template(self) -> dict:
         """The message as the chat template reads it: content as one string, 'developer' as 'system'."""
         content = self.content if not isinstance(self.content, list) else "".join(part.text for part in self.content)
-        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
         if self.reasoning_content:
             message["reasoning_content"] = self.reasoning_content
         if self.tool_calls:
@@ -280,7 +280,7 @@ def create_app(model, tokenizer, model_name: str, max_tokens_cap: int, show_thin
         try:  # the template checks the conversation (roles, order) before anything is generated; a long one takes
             # a while to tokenize, so in a worker thread, while the event loop serves other requests
             ids = await asyncio.to_thread(prompt_ids, tokenizer, messages, tools)
-        except jinja2.TemplateError as error:
+        except ValueError as error:  # dataset/chat_format.py refused the conversation (roles, order)
             return error_response(400, f"messages: {error}", param="messages")
         max_new_tokens = body.max_new_tokens(max_tokens_cap, room=context - len(ids))
         if not 1 <= max_new_tokens <= context - len(ids):
@@ -374,7 +374,7 @@ async def stream_events(reply: ReplyStream, header: dict, prompt_tokens: int, in
 
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer = load_checkpoint(args.model_path, args.device, args.base_model_path)
+    model, tokenizer = load_checkpoint(args.model_path, args.device, args.base_model_path, args.dtype)
     name = args.served_model_name or Path(args.model_path).resolve().name
     app = create_app(model, tokenizer, name, args.max_tokens_cap, bool(args.show_thinking),
                      max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout or None)

@@ -8,11 +8,12 @@ The demo listens on 127.0.0.1 (this machine only) and sends Streamlit no usage s
 scripts/web_demo.py` passes --host and --port to `streamlit run`, and `streamlit run` itself reads
 scripts/.streamlit/config.toml, which says the same (open it with `streamlit run --server.address 0.0.0.0`).
 
-The sidebar picks the checkpoint (a directory under --out_dir that holds config.json or a LoRA adapter's
-adapter_config.json, or any checkpoint path typed in) and sets the system prompt, temperature, top_p,
-max_new_tokens, repetition penalty, the earlier turns kept, and whether the model's <think> reasoning is shown;
-the flags give their starting values. "Clear history" starts a new conversation. Flags go after `--` when the
-app is started with `streamlit run`.
+The sidebar picks the checkpoint (a directory under --save_dir, alias --out_dir, that holds config.json or a LoRA
+adapter's adapter_config.json, or any checkpoint path typed in) and sets the system prompt, temperature (0: greedy),
+top_p, max_new_tokens, repetition penalty (1: off, the default), the earlier turns kept, and whether the model's
+<think> reasoning is shown; the flags give their starting values (upstream MiniMind's --load_from, --weight,
+--lora_weight work too). "Clear history" starts a new conversation. Flags go after `--` when the app is started
+with `streamlit run`.
 """
 
 import argparse
@@ -21,8 +22,8 @@ from pathlib import Path
 from threading import Lock
 
 from model.loading import load_checkpoint
-from scripts.generation import (REPO_ROOT, ReplyStream, add_chat_flags, add_checkpoint_flags, build_messages,
-                                serve_extra_missing, prompt_ids)
+from scripts.generation import (ReplyStream, add_chat_flags, add_checkpoint_flags, build_messages, prompt_ids,
+                                resolve_checkpoint_flags, serve_extra_missing)
 
 CURSOR = "▌"  # shown at the end of a reply while it streams
 LOCALHOST, DEFAULT_PORT = "127.0.0.1", 8501
@@ -30,9 +31,7 @@ LOCALHOST, DEFAULT_PORT = "127.0.0.1", 8501
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_flags(parser)
-    parser.add_argument("--out_dir", default=str(REPO_ROOT / "out"),
-                        help="directory whose checkpoint subdirectories the sidebar lists (default: %(default)s)")
+    add_checkpoint_flags(parser, save_dir_names=("--save_dir", "--out_dir"))  # its directories: the sidebar's list
     add_chat_flags(parser)
     parser.add_argument("--host", default=None,
                         help=f"address to listen on, with `python scripts/web_demo.py`; 0.0.0.0 opens the demo to "
@@ -40,7 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=int, default=None,
                         help=f"TCP port, with `python scripts/web_demo.py` (default: {DEFAULT_PORT}; under "
                              "`streamlit run` use --server.port)")
-    return parser.parse_args(argv)
+    return resolve_checkpoint_flags(parser.parse_args(argv))
 
 
 try:  # imported after the flags are defined, so that --help works without the serve extra
@@ -62,10 +61,10 @@ def checkpoint_dirs(out_dir: str | Path) -> list[str]:
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the checkpoint...")
-def load_model(path: str, device: str | None, base_model_path: str | None):
+def load_model(path: str, device: str | None, base_model_path: str | None, dtype: str):
     """The checkpoint's model and tokenizer, loaded once for every browser session, and the lock that makes the
     sessions take turns on the model."""
-    model, tokenizer = load_checkpoint(path, device, base_model_path)
+    model, tokenizer = load_checkpoint(path, device, base_model_path, dtype)
     return model, tokenizer, Lock()
 
 
@@ -73,12 +72,12 @@ def sidebar(args) -> dict:
     """The sidebar's widgets, started from the flags; returns the chosen checkpoint path and settings."""
     bar = st.sidebar
     bar.title("MiniMind")
-    choices, flagged = checkpoint_dirs(args.out_dir), str(Path(args.model_path))
+    choices, flagged = checkpoint_dirs(args.save_dir), str(Path(args.model_path))
     if Path(flagged).is_dir() and flagged not in choices:
         choices.insert(0, flagged)
     first = choices.index(flagged) if flagged in choices else 0 if choices else None
     selected = bar.selectbox("Checkpoint", choices, index=first, format_func=lambda path: Path(path).name,
-                             placeholder=f"no checkpoint in {args.out_dir}")
+                             placeholder=f"no checkpoint in {args.save_dir}")
     typed = bar.text_input("...or a checkpoint directory", placeholder="path/to/checkpoint").strip()
     settings = {
         "model_path": typed or selected,
@@ -135,11 +134,11 @@ def main() -> None:
         st.stop()
     settings = sidebar(args)
     if not settings["model_path"]:
-        st.info(f"No checkpoint in {args.out_dir}: train one (python trainer/train_full_sft.py) or type a path "
+        st.info(f"No checkpoint in {args.save_dir}: train one (python trainer/train_full_sft.py) or type a path "
                 "in the sidebar.")
         st.stop()
     try:
-        model, tokenizer, lock = load_model(settings["model_path"], args.device, args.base_model_path)
+        model, tokenizer, lock = load_model(settings["model_path"], args.device, args.base_model_path, args.dtype)
     except SystemExit as error:  # load_checkpoint's one-line message for a directory that is no checkpoint
         st.error(str(error))
         st.stop()

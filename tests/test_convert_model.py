@@ -19,10 +19,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
+from model.hf_config import qwen3_config_of
+from model.loading import load_pretrained
 from model.model_lora import apply_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts import convert_model
 from scripts.convert_model import GENERATION_TAG, export_hf, import_hf, write_gguf
+from scripts.generation import generation_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO_ROOT / "model" / "tokenizer"
@@ -79,7 +82,7 @@ def test_hf_import_of_an_export_gives_back_the_checkpoint_byte_for_byte(tmp_path
 @VARIANTS
 def test_hf_import_opens_a_qwen3_saved_by_transformers_with_untied_embeddings(tmp_path, use_moe):
     torch.manual_seed(0)
-    qwen3 = convert_model.qwen3_config_of(MiniMindConfig(**TINY, **(MOE if use_moe else {}), tie_word_embeddings=False))
+    qwen3 = qwen3_config_of(MiniMindConfig(**TINY, **(MOE if use_moe else {}), tie_word_embeddings=False))
     reference = AutoModelForCausalLM.from_config(qwen3)
     reference.save_pretrained(tmp_path / "qwen3")
     AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path / "qwen3")
@@ -107,6 +110,93 @@ def test_to_hf_command_checks_the_logits_and_names_the_result(tmp_path, capsys):
 def test_to_hf_of_a_directory_without_config_says_what_to_pass(tmp_path):
     with pytest.raises(SystemExit, match="merge it first with the merge_lora subcommand"):
         convert_model.main(["to_hf", "--model_path", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# from_minimind: upstream MiniMind's .pth state dicts
+
+
+def upstream_names(num_layers: int, num_experts: int = 0) -> list[str]:
+    """The parameter names of upstream MiniMind-3 (jingyaogong/minimind, model/model_minimind.py: MiniMindBlock's
+    self_attn, input_layernorm, post_attention_layernorm and mlp; MOEFeedForward's gate and experts)."""
+    names = ["model.embed_tokens.weight"]
+    for n in range(num_layers):
+        layer = f"model.layers.{n}."
+        names += [f"{layer}self_attn.{p}_proj.weight" for p in "qkvo"]
+        names += [f"{layer}self_attn.q_norm.weight", f"{layer}self_attn.k_norm.weight",
+                  f"{layer}input_layernorm.weight", f"{layer}post_attention_layernorm.weight"]
+        if num_experts:
+            names += [f"{layer}mlp.gate.weight"] + [f"{layer}mlp.experts.{e}.{p}_proj.weight"
+                                                     for e in range(num_experts) for p in ("gate", "up", "down")]
+        else:
+            names += [f"{layer}mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    return names + ["model.norm.weight", "lm_head.weight"]
+
+
+def upstream_pth(model: MiniMindForCausalLM, path: Path) -> Path:
+    """Save `model`'s weights as upstream's trainers do: torch.save of the state dict in float16, under upstream's
+    names (ours are the same: nothing to rename), the tied lm_head as its own key."""
+    ours, config = model.state_dict(), model.config
+    names = upstream_names(config.num_hidden_layers, config.num_experts if config.use_moe else 0)
+    assert sorted(names) == sorted(ours)
+    torch.save({name: ours[name].half() for name in names}, path)
+    return path
+
+
+UPSTREAM_VARIANTS = {"dense": {}, "moe": MOE, "untied": dict(tie_word_embeddings=False)}
+
+
+@pytest.mark.parametrize("variant", list(UPSTREAM_VARIANTS))
+def test_minimind_pth_becomes_a_checkpoint_that_loads_strictly_with_its_logits(tmp_path, variant, capsys):
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(**TINY, **UPSTREAM_VARIANTS[variant])).eval()
+    pth = upstream_pth(model, tmp_path / "full_sft_64.pth")
+    experts = ["--num_experts_per_tok", "2"] if model.config.use_moe else []
+    convert_model.main(["from_minimind", "--input", str(pth), "--tokenizer", str(TOKENIZER_DIR), "--device", "cpu",
+                        *experts])
+    assert "full_sft_64 (MiniMindForCausalLM); its logits equal the original's" in capsys.readouterr().out
+    converted = load_pretrained(tmp_path / "full_sft_64", "--model_path")  # strict
+    shape = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "tie_word_embeddings", "use_moe") + (
+        ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if model.config.use_moe else
+        ("intermediate_size",))
+    assert {f: getattr(converted.config, f) for f in shape} == {f: getattr(model.config, f) for f in shape}
+    rounded = MiniMindForCausalLM(model.config).eval()  # our model with its weights rounded to float16, as saved
+    rounded.load_state_dict({name: tensor.half().float() for name, tensor in model.state_dict().items()})
+    assert torch.equal(logits(converted, random_ids()), logits(rounded, random_ids()))
+    assert (logits(converted, random_ids()) - logits(model, random_ids())).abs().max().item() < 1e-3
+    assert AutoTokenizer.from_pretrained(tmp_path / "full_sft_64").get_vocab() == \
+        AutoTokenizer.from_pretrained(TOKENIZER_DIR).get_vocab()
+
+
+@pytest.mark.parametrize("change, named", [
+    ("missing", "model.layers.1.self_attn.k_norm.weight"),
+    ("unexpected", "model.layers.0.mlp.shared_experts.0.up_proj.weight"),  # MiniMind2's shared experts
+])
+def test_minimind_pth_with_a_tensor_missing_or_extra_is_refused_naming_it(tmp_path, change, named):
+    state_dict = torch.load(upstream_pth(MiniMindForCausalLM(MiniMindConfig(**TINY)), tmp_path / "full_sft_64.pth"),
+                            weights_only=True)
+    if change == "missing":
+        del state_dict[named]
+    else:
+        state_dict[named] = torch.zeros(128, 64, dtype=torch.float16)
+    torch.save(state_dict, tmp_path / "full_sft_64.pth")
+    result = subprocess.run([sys.executable, "scripts/convert_model.py", "from_minimind", "--input",
+                             str(tmp_path / "full_sft_64.pth"), "--tokenizer", str(TOKENIZER_DIR)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{change}: {named}" in result.stderr and not (tmp_path / "full_sft_64").exists()
+
+
+def test_minimind_pth_that_is_not_weights_is_refused_without_unpickling(tmp_path):
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "hook": print}, tmp_path / "code.pth")
+    torch.save({"model": {}, "optimizer": {}, "step": 3}, tmp_path / "full_sft_64_resume.pth")
+    (tmp_path / "notes.pth").write_text("not a torch file")
+    for name, message in [("code.pth", "not a state dict written by torch.save"),  # weights_only refuses `print`
+                          ("full_sft_64_resume.pth", "a resume state"), ("notes.pth", "not a state dict"),
+                          ("absent.pth", "no such file")]:
+        with pytest.raises(SystemExit, match=message):
+            convert_model.main(["from_minimind", "--input", str(tmp_path / name), "--tokenizer", str(TOKENIZER_DIR)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,6 +301,7 @@ PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
 # 15+ different tokens whose top-1 margins stay clear of float16 rounding (at std 0.02 a random model repeats one
 # token; a few training steps give "a a a ..."), so an equal continuation means equal computations.
 GREEDY_MODELS = {"dense": dict(use_moe=False, seed=2), "moe": dict(use_moe=True, seed=1)}
+GREEDY_24 = generation_config(temperature=0, max_new_tokens=24)  # the front ends' greedy: llama.cpp's temp 0
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +348,7 @@ def test_gguf_f16_in_llama_cpp_continues_a_prompt_with_our_greedy_tokens(llama_c
     model, tokenizer, files = greedy_model
     prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_dict=False)
     with torch.no_grad():
-        ours = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+        ours = model.generate(torch.tensor([prompt]), generation_config=GREEDY_24)[0, len(prompt):].tolist()
     assert len(ours) == 24 and len(set(ours)) >= 15  # a varied continuation, not one token repeated
     with open_llama(llama_cpp, files["f16"]) as llm:
         theirs = [token for token, _ in zip(llm.generate(prompt, temp=0.0), range(24))]
@@ -268,7 +359,7 @@ def test_llama_cpp_chat_completion_renders_the_gguf_chat_template_and_replies_as
     model, tokenizer, files = greedy_model
     prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_dict=False)
     with torch.no_grad():
-        ours = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+        ours = model.generate(torch.tensor([prompt]), generation_config=GREEDY_24)[0, len(prompt):].tolist()
     with open_llama(llama_cpp, files["f16"]) as llm:
         reply = llm.create_chat_completion(PROMPT, temperature=0.0, max_tokens=24, repeat_penalty=1.0)
     assert reply["usage"]["prompt_tokens"] == len(prompt)  # the same prompt, rendered from the GGUF's template

@@ -12,6 +12,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from conftest import write_jsonl
 from dataset.lm_dataset import (IGNORE_INDEX, DataFormatError, DPODataset, PretrainDataset, SFTDataset,
                                 check_pretrain_record, check_sft_record, document_position_ids, read_jsonl)
+from dataset.rl_dataset import PromptDataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEP = 0  # <|endoftext|>
@@ -121,7 +122,7 @@ def test_sft_truncation_keeps_prefixes_and_reports_the_cut_samples(tokenizer, tm
     full = SFTDataset(path, tokenizer, 4096)
     with caplog.at_level(logging.WARNING, logger="dataset.lm_dataset"):
         cut = SFTDataset(path, tokenizer, 40)
-    assert f"{path}: 1 of 2 samples are longer than --max_seq_len 40 tokens and were cut (first: line 2)" in caplog.text
+    assert f"{path}: 1 of 2 samples cut to --max_seq_len 40 tokens (first: line 2), 0 dropped\n" in caplog.text
     assert len(cut) == 2 and all(length <= 40 for length in cut.lengths)
     for kept, original in zip([cut[0], cut[1]], [full[0], full[1]]):
         n = len(kept["input_ids"])
@@ -131,17 +132,53 @@ def test_sft_truncation_keeps_prefixes_and_reports_the_cut_samples(tokenizer, tm
     assert cut.lengths == [len(full[0]["input_ids"]), 40]
 
 
-def test_sft_sample_without_reply_within_max_seq_len_is_an_error_or_skipped(tokenizer, tmp_path, caplog):
+LONG_PROMPT = "a very long question " * 20  # 80 tokens: no reply fits in 40
+
+
+def test_sft_sample_without_reply_within_max_seq_len_is_dropped_and_reported(tokenizer, tmp_path, caplog):
     records = [{"conversations": chat("short question", "short answer")},
-               {"conversations": chat("a very long question " * 20, "never seen")}]
+               {"conversations": chat(LONG_PROMPT, "never seen")},
+               {"conversations": chat("q", "a long answer that will be cut somewhere in the middle " * 5)}]
     path = write_jsonl(tmp_path / "s.jsonl", records)
-    with pytest.raises(DataFormatError, match=rf"^{path}:2: the conversation is \d+ tokens long and its first "
-                                              r"assistant token comes after --max_seq_len 40"):
-        SFTDataset(path, tokenizer, 40)
     with caplog.at_level(logging.WARNING, logger="dataset.lm_dataset"):
-        kept = SFTDataset(path, tokenizer, 40, skip_bad_lines=True)
-    assert len(kept) == 1 and torch.equal(kept[0]["input_ids"], SFTDataset(path, tokenizer, 4096)[0]["input_ids"])
-    assert "skipped 1 of 2 conversations" in caplog.text and f"{path}:2: no assistant token" in caplog.text
+        kept = SFTDataset(path, tokenizer, 40)  # the default: no --skip_bad_lines needed
+    full = SFTDataset(path, tokenizer, 4096)
+    assert len(kept) == 2 and torch.equal(kept[0]["input_ids"], full[0]["input_ids"])
+    assert torch.equal(kept[1]["input_ids"], full[2]["input_ids"][:40])
+    assert (f"{path}: 1 of 3 samples cut to --max_seq_len 40 tokens (first: line 3), 1 dropped (no assistant "
+            f"token within the limit):\n  {path}:2\n") in caplog.text
+    with pytest.raises(DataFormatError, match=f"^{path}: no conversation has an assistant token within the first "
+                                              "--max_seq_len 8 tokens"):
+        SFTDataset(path, tokenizer, 8)
+
+
+def test_long_samples_are_reported_by_their_first_five_lines_and_bad_lines_still_stop(tokenizer, tmp_path, caplog):
+    """SFT conversations and GRPO prompts that cannot fit are dropped and counted; a malformed line in the same
+    file still stops the run, unless skip_bad_lines."""
+    sft = write_jsonl(tmp_path / "s.jsonl", [{"conversations": chat("q", "a")}]
+                      + [{"conversations": chat(LONG_PROMPT, "a")}] * 7)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q"}] + [{"prompt": LONG_PROMPT}] * 7)
+    with caplog.at_level(logging.WARNING, logger="dataset.lm_dataset"):
+        assert len(SFTDataset(sft, tokenizer, 40)) == len(PromptDataset(prompts, tokenizer, 40)) == 1
+    for path, why in ((sft, "no assistant token within the limit"), (prompts, "a prompt is dropped, not cut")):
+        first_five = "".join(f"\n  {path}:{line}" for line in range(2, 7))
+        assert (f"{path}: 0 of 8 samples cut to --max_seq_len 40 tokens, 7 dropped ({why}):{first_five}\n"
+                "  ... and 2 more") in caplog.text
+    with sft.open("a") as f:
+        f.write("not json\n")
+    with pytest.raises(DataFormatError, match=f"^{sft}:9: invalid JSON"):
+        SFTDataset(sft, tokenizer, 40)
+    assert len(SFTDataset(sft, tokenizer, 40, skip_bad_lines=True)) == 1
+
+
+def test_a_dpo_pair_with_a_long_prompt_is_cut_not_dropped(tokenizer, tmp_path, caplog):
+    """The prompt yields to the replies, so a pair's reply always starts within max_seq_len."""
+    pair = {"chosen": chat(LONG_PROMPT, "good"), "rejected": chat(LONG_PROMPT, "bad")}
+    path = write_jsonl(tmp_path / "d.jsonl", [pair])
+    with caplog.at_level(logging.WARNING, logger="dataset.lm_dataset"):
+        pairs = DPODataset(path, tokenizer, 40)
+    assert len(pairs) == 1 and pairs.lengths == [40]
+    assert f"{path}: 1 of 1 samples cut to --max_seq_len 40 tokens (first: line 1), 0 dropped\n" in caplog.text
 
 
 def test_sft_collate_right_pads_with_attention_mask(tokenizer, tmp_path):

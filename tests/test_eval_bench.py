@@ -16,10 +16,11 @@ import torch
 
 from conftest import tiny_model
 from dataset.lm_dataset import DataFormatError, read_jsonl
+from dataset.qa_format import build_prompt, extract_answer, normalize_number
 from eval import eval_bench
-from eval.eval_bench import (TASKS, build_prompt, check_choice_record, check_math_example, check_math_record,
-                             continuation_log_likelihoods, evaluate_gsm8k, evaluate_multiple_choice, extract_answer,
-                             fewshot_examples, normalize_number, summarize)
+from eval.eval_bench import (TASKS, check_choice_record, check_math_example, check_math_record,
+                             continuation_log_likelihoods, evaluate_gsm8k, evaluate_multiple_choice, fewshot_examples,
+                             summarize)
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.checkpoint import save_weights
 

@@ -20,10 +20,11 @@ from transformers import GenerationConfig
 
 from conftest import tiny_model, write_jsonl
 from dataset.lm_dataset import DataFormatError, SFTDataset
-from dataset.rl_dataset import PromptDataset, decode_fields
+from dataset.rl_dataset import PromptDataset
 from model.model_minimind import IGNORE_INDEX
 from trainer import rewards, train_grpo
 from trainer.checkpoint import save_weights
+from trainer.distributed import batch_to_device
 from trainer.train_grpo import (completion_logprobs, completion_mask, group_advantages, grpo_loss,
                                 sample_completions)
 
@@ -229,7 +230,9 @@ def test_prompts_are_rendered_for_generation_and_left_padded(tokenizer, tmp_path
     assert batch["attention_mask"][0].tolist() == [0] * (long - short) + [1] * short
     assert (batch["input_ids"][0, :long - short] == tokenizer.pad_token_id).all()
     assert torch.equal(batch["input_ids"][0, long - short:], dataset[0]["input_ids"])
-    assert decode_fields(batch["fields"]) == [{"answer": "1", "id": "a"}, {"answer": "4"}]
+    assert batch["fields"] == [{"answer": "1", "id": "a"}, {"answer": "4"}]  # as they are, not packed in a tensor
+    moved = batch_to_device(batch, torch.device("cpu"))  # as optimizer_step and evaluate move a batch
+    assert moved["fields"] is batch["fields"] and torch.equal(moved["input_ids"], batch["input_ids"])
 
 
 def test_prompt_tools_render_in_either_layout(tokenizer, tmp_path):

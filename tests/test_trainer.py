@@ -20,7 +20,8 @@ from dataset.lm_dataset import DataFormatError, PretrainDataset, read_jsonl
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer import train_pretrain
 from trainer.checkpoint import save_weights, write_dir_atomically
-from trainer.trainer_utils import cosine_lr, epoch_batches, load_model, parse_args, resolve_weight_dir, train
+from trainer.trainer_utils import (cosine_lr, epoch_batches, load_model, parse_args, resolve_weight_dir, setup_run,
+                                   train)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dataset" / "data"
@@ -179,6 +180,7 @@ def test_resume_matches_uninterrupted_run(data, tmp_path, monkeypatch, interrupt
 def test_logged_loss_is_the_mean_of_the_micro_batch_losses(data, tmp_path):
     args = parse_args("pretrain", "test", argv=pretrain_argv(data, tmp_path, "--accumulation_steps", "2",
                                                               "--max_steps", "3", "--batch_size", "2"))
+    setup_run(args)  # the seed of the initialization, as train_pretrain.main's run below
     model, tokenizer = load_model(args)
     dataset = PretrainDataset(args.data_path, tokenizer, args.max_seq_len)
     micro_losses = []
@@ -253,6 +255,20 @@ def test_shape_flags_a_checkpoint_overrides_are_named_in_one_line(pretrained, ca
     assert "\n--num_hidden_layers ignored: --from_weight pretrain" in "\n" + capsys.readouterr().out
     parse_args("full_sft", "test", argv=["--from_weight", checkpoint, "--device", "cpu"])  # defaults: nothing said
     assert "ignored" not in capsys.readouterr().out
+
+
+def test_parse_args_only_parses_and_setup_run_sets_up_the_run():
+    torch.manual_seed(123)
+    untouched = torch.rand(3)
+    torch.manual_seed(123)
+    args = parse_args("pretrain", "test", argv=["--device", "cpu", "--seed", "7"])
+    assert args.dtype == "auto" and not hasattr(args, "dtype_reason")  # nothing resolved yet
+    assert torch.equal(torch.rand(3), untouched)  # and no generator seeded
+    setup_run(args)
+    assert args.dtype in ("float32", "bfloat16") and args.dtype_reason  # --dtype auto measured (model/precision.py)
+    seeded = torch.rand(3)
+    torch.manual_seed(7)  # --seed + rank 0
+    assert torch.equal(seeded, torch.rand(3))
 
 
 @pytest.mark.parametrize("flag", ["--data_path", "--eval_data_path"])

@@ -1,9 +1,10 @@
 """Where a run computes: device, autocast dtype, the torchrun process group, seeds, how the model is spread over
 the processes (DDP or FSDP), and rank-0 output.
 
-`parse_args` in `trainer/trainer_utils.py` calls `setup_run` once and `train` calls `parallelize`; the rest of the
-trainer asks `rank_and_world_size()` and prints through `log`. The model itself knows nothing of ranks: the
-engines are applied to it from outside, as torchtitan does.
+Each stage script calls `setup_run(args)` once, right after `parse_args` (as nanochat's scripts call
+`compute_init()`), and `train` calls `parallelize`; the rest of the trainer asks `rank_and_world_size()`, moves
+batches with `batch_to_device` and prints through `log`. The model itself knows nothing of ranks: the engines are
+applied to it from outside, as torchtitan does.
 """
 
 import json
@@ -44,7 +45,13 @@ def setup_distributed(device: str) -> tuple[int, int, int]:
 
 
 def setup_run(args) -> None:
-    """Resolve --device and --dtype, join torchrun's process group, seed every generator (seed + rank)."""
+    """Resolve --device and --dtype, join torchrun's process group, seed every generator (seed + rank).
+
+    Sets args.device ("cuda:<local rank>" under torchrun on CUDA), args.dtype (what --dtype auto chose,
+    model/precision.py) and args.dtype_reason (why, printed first by `train`).
+    Raises:
+        SystemExit: --device cuda where no CUDA GPU is visible.
+    """
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: no CUDA GPU is visible; pass --device cpu")
     rank, local_rank, world_size = setup_distributed(args.device)
@@ -66,9 +73,18 @@ def rank_and_world_size() -> tuple[int, int]:
 
 
 def log(message: str) -> None:
-    """Print one line from rank 0 only, without breaking the progress bar."""
-    if rank_and_world_size()[0] == 0:
+    """Print one line from rank 0 only, without breaking the progress bar (before setup_run joins the process
+    group too: torchrun's RANK says which process is rank 0)."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if rank == 0:
         tqdm.write(message)
+
+
+def batch_to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> dict:
+    """The batch with its tensors on `device`; other values (e.g. the reward fields of GRPO's prompts, Python
+    lists) pass through unchanged."""
+    return {key: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

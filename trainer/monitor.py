@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from trainer.distributed import log, rank_and_world_size
+from trainer.distributed import batch_to_device, log, rank_and_world_size
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def evaluate(model, dataset, batches: list[list[int]], loss_fn, device: torch.de
     sums, count = None, 0  # item-weighted sums of [loss, *metrics] over the batches, and the items
     for batch in DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate):
         items = count_items(batch) if count_items is not None else 1
-        batch = {key: value.to(device) for key, value in batch.items()}
+        batch = batch_to_device(batch, device)  # tensors; other fields as they are
         with torch.no_grad(), autocast:
             loss, metrics = loss_fn(model, batch)
         values = torch.stack([loss.float(), *(torch.as_tensor(v, device=device).float() for v in metrics.values())])

@@ -27,7 +27,7 @@ import inspect
 import re
 from collections.abc import Callable
 
-from eval.eval_bench import extract_answer, normalize_number
+from dataset.qa_format import extract_answer, normalize_number
 
 THINK_END = "</think>"
 # One reasoning block at the start, then an answer; both hold a non-space character and neither holds a tag
@@ -38,7 +38,8 @@ OVERLONG_FRACTION = 0.25  # DAPO's L_cache as a fraction of the generation budge
 
 def final_answer(completion: str) -> str | None:
     """The number a completion gives as its answer: read from the text after its last </think> (all of it when
-    there is none), the first number after "####" when present, else the last number (eval/eval_bench.py's rule).
+    there is none), the first number after "####" when present, else the last number (dataset/qa_format.py's
+    rule, the one eval/eval_bench.py scores GSM8K replies by).
     Returns the normalized number ("$1,200.00" -> "1200"), or None when there is none."""
     return extract_answer(completion.rsplit(THINK_END, 1)[-1])
 

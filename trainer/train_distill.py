@@ -51,7 +51,7 @@ from dataset.lm_dataset import SFTDataset
 from model.model_minimind import IGNORE_INDEX, token_logprobs
 from trainer.distributed import log
 from trainer.trainer_utils import (REPO_ROOT, causal_lm_loss, fraction, load_frozen, load_model, parse_args,
-                                   positive_float, positive_int, resolve_weight_dir, run_main, train,
+                                   positive_float, positive_int, resolve_weight_dir, run_main, setup_run, train,
                                    with_router_loss)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         "learning_rate": 1e-3,
         "epochs": 2,
     })
+    setup_run(args)  # device, dtype, torchrun's process group, seeds
     model, tokenizer = load_model(args)
     teacher = None
     if args.alpha < 1.0:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from dataset.lm_dataset import DPODataset
 from model.model_minimind import token_logprobs
 from trainer.trainer_utils import (REPO_ROOT, count_rows, load_model, load_reference, parse_args, positive_float,
-                                   require_trained_start, run_main, train, with_router_loss)
+                                   require_trained_start, run_main, setup_run, train, with_router_loss)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs": 2,
         "batch_size": 8,
     })
+    setup_run(args)  # device, dtype, torchrun's process group, seeds
     require_trained_start(args, "DPO")
     model, tokenizer = load_model(args)
 

@@ -20,7 +20,7 @@ Writes out/full_sft_<hidden_size>/ (chat with it: scripts/chat.py) and out/runs/
 """
 
 from dataset.lm_dataset import SFTDataset
-from trainer.trainer_utils import REPO_ROOT, causal_lm_loss, load_model, parse_args, run_main, train
+from trainer.trainer_utils import REPO_ROOT, causal_lm_loss, load_model, parse_args, run_main, setup_run, train
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
         "learning_rate": 1e-3,
         "epochs": 2,
     })
+    setup_run(args)  # device, dtype, torchrun's process group, seeds
     model, tokenizer = load_model(args)
 
     # 2. Dataset: conversations through the chat template, labels -100 outside the assistant's replies

@@ -12,13 +12,25 @@ The policy pi_theta then maximizes the clipped objective of eq. 3 with a KL pena
     rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
     KL_it  = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1                           (eq. 4, per token, >= 0)
 
-and the loss is -J, averaged over the groups of a batch. pi_old is the policy that sampled the group. Each group
-gets one gradient step, as in the paper's experiments ("the policy model only has a single update following each
-exploration stage", section 4.2): pi_old = pi_theta at that step, so rho = 1 and no token is clipped (the
-gradient is that of A_i * log pi_theta; the logged clip_fraction is 0), and the clip acts only when several updates
-reuse a group. The KL term keeps the policy near the reference; the k3 estimator of eq. 4 is unbiased and never
-negative. std is the population standard deviation of the group, eps = 1e-4; a group whose completions all get the
-same reward has advantage 0 and teaches nothing (reward_std shows how many do not).
+and the loss is -J, averaged over the groups of a batch. pi_old is the policy that sampled the group. The KL term
+keeps the policy near the reference; the k3 estimator of eq. 4 is unbiased and never negative. std is the
+population standard deviation of the group, eps = 1e-4; a group whose completions all get the same reward has
+advantage 0 and teaches nothing (reward_std shows how many do not).
+
+Where this script departs from the paper (as nanochat's chat_rl.py lists its own departures):
+
+1. One update per rollout, so no clipping. Each group gets one gradient step and is then dropped (as in the
+   paper's own experiments, "the policy model only has a single update following each exploration stage",
+   section 4.2, though eq. 3 is written for mu > 1 updates). So pi_old = pi_theta at that step, rho = 1, no token
+   is clipped and --epsilon has no effect (the logged clip_fraction is 0): the gradient is that of
+   A_i * log pi_theta, REINFORCE with group-normalized rewards, plus the KL term. grpo_loss keeps the clip for
+   when several updates reuse a group.
+2. One iteration of the paper's iterative GRPO (Algorithm 1): the reference pi_ref is the --from_weight checkpoint
+   for the whole run, never reset to the current policy.
+3. Rule-based rewards (trainer/rewards.py: exact match of the final number, DeepSeek-R1's format reward, DAPO's
+   overlong penalty) instead of a learned reward model, so there is no reward model to keep training; outcome
+   supervision only (section 4.1.2), no process supervision (4.1.3).
+4. Log-probabilities are taken at the sampling temperature (the logits divided by it, as trl's GRPOTrainer does).
 
 Rollouts happen inside the loss: each batch is a batch of prompts (dataset/rl_dataset.py); the loss samples G
 completions per prompt with the model's KV-cached `generate`, scores them (trainer/rewards.py), then runs one
@@ -30,8 +42,8 @@ prompts and --max_seq_len caps a prompt's tokens (longer prompts are dropped).
 Defaults: the prompts of dataset/data/grpo/gsm8k_train.jsonl (400 GSM8K training questions; reward: exact match of
 the final number, the <think> format and DAPO's overlong penalty; held-out: the 100 prompts of gsm8k_test.jsonl,
 sampled as in training, 10 of them every 25 steps), starting from out/full_sft_<hidden_size>, 8 completions of at
-most 128 tokens per prompt, 2 prompts per step, beta 0.04 (the paper's), epsilon 0.2, learning rate 1e-4 (DPO's
-here; the paper's 1e-6 is for a 7B model), no weight decay (the KL term is the regularizer, as in DPO).
+most 128 tokens per prompt, 2 prompts per step, beta 0.04 (the paper's), epsilon 0.2 (inactive: see 1.), learning rate
+1e-4 (DPO's here; the paper's 1e-6 is for a 7B model), no weight decay (the KL term is the regularizer, as in DPO).
 
 A model that has never written <think> gets no format reward, so there is nothing to learn from (log p(<think>) is
 about -14.5 for the quick-path SFT model). DeepSeek-R1's "cold start" first shows the format with a little SFT on
@@ -51,12 +63,12 @@ import argparse
 import torch
 from transformers import GenerationConfig
 
-from dataset.rl_dataset import PromptDataset, decode_fields
+from dataset.rl_dataset import PromptDataset
 from model.model_minimind import token_logprobs
 from trainer.rewards import check_reward_fields, load_reward_function
 from trainer.trainer_utils import (REPO_ROOT, count_rows, fraction, load_model, load_reference, parse_args,
-                                   positive_float, positive_int, require_trained_start, run_main, train, unwrap,
-                                   with_router_loss)
+                                   positive_float, positive_int, require_trained_start, run_main, setup_run, train,
+                                   unwrap, with_router_loss)
 
 ADVANTAGE_EPS = 1e-4  # keeps A finite for a group whose rewards are all equal (then A = 0)
 GRPO_DATA = REPO_ROOT / "dataset" / "data" / "grpo"
@@ -177,7 +189,8 @@ def grpo_batch_loss(model, reference, tokenizer, batch: dict, rewards: list[tupl
 
     Args:
         model: the policy, possibly DDP-wrapped; reference: the frozen reference model, same device.
-        batch: PromptDataset.collate output on the device: input_ids, attention_mask (B, P), fields (B, bytes).
+        batch: PromptDataset.collate output, its tensors on the device: input_ids, attention_mask (B, P), and
+            fields, one dict of the record's extra fields per prompt (a Python list).
         rewards: (name, function, weight) triples; generation: the sampling settings (max_new_tokens, temperature,
             end tokens ...); args: the flags num_generations, beta, epsilon.
     Returns:
@@ -190,7 +203,7 @@ def grpo_batch_loss(model, reference, tokenizer, batch: dict, rewards: list[tupl
 
     prompts = [tokenizer.decode(ids[keep.bool()]) for ids, keep in zip(batch["input_ids"], batch["attention_mask"])]
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # drops end token and padding
-    records = decode_fields(batch["fields"])
+    records = batch["fields"]
     shared = set.intersection(*(set(record) for record in records))  # PromptDataset.field_names is a subset
     fields = {key: [record[key] for record in records for _ in range(group)] for key in shared}
     fields.update(completion_tokens=mask.sum(dim=1).tolist(), max_new_tokens=[generation.max_new_tokens] * len(mask))
@@ -220,7 +233,9 @@ def add_grpo_flags(parser: argparse.ArgumentParser) -> None:
                                                                    "this probability mass (1: the full distribution)")
     group.add_argument("--beta", type=float, default=0.04, help="weight of the KL penalty to the reference (the "
                                                                 "--from_weight model); 0: no penalty")
-    group.add_argument("--epsilon", type=positive_float, default=0.2, help="clip range of the probability ratio")
+    group.add_argument("--epsilon", type=positive_float, default=0.2,
+                       help="clip range of the probability ratio (eq. 3); no effect yet: with one update per "
+                            "rollout the ratio is 1 and nothing is clipped (see the module docstring)")
     group.add_argument("--reward_funcs", nargs="+", default=["gsm8k_accuracy", "think_format", "length_penalty"],
                        help="reward functions: names in trainer/rewards.py or import paths package.module:function")
     group.add_argument("--reward_weights", nargs="+", type=float,
@@ -241,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": 2,
         "warmup_steps": 10,
     })
+    setup_run(args)  # device, dtype, torchrun's process group, seeds
     require_trained_start(args, "GRPO")
     if args.num_generations < 2:
         raise SystemExit("--num_generations must be >= 2: advantages compare the completions of a group")

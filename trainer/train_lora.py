@@ -27,7 +27,7 @@ from model.model_lora import DEFAULT_TARGET_MODULES, apply_lora, merge_lora, sav
 from trainer.checkpoint import checkpoint_name, save_weights, write_dir_atomically
 from trainer.distributed import log, rank_and_world_size
 from trainer.trainer_utils import (REPO_ROOT, causal_lm_loss, fraction, load_model, log_parameter_counts,
-                                   parse_args, positive_float, positive_int, run_main, train)
+                                   parse_args, positive_float, positive_int, run_main, setup_run, train)
 
 
 def add_flags(parser):
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         "weight_decay": 0.0,
         "epochs": 20,
     })
+    setup_run(args)  # device, dtype, torchrun's process group, seeds
     model, tokenizer = load_model(args)
 
     # 2. Adapters: freeze the base, wrap the targeted layers; only the adapters reach the optimizer

@@ -19,7 +19,7 @@ metrics.jsonl and the resume state checkpoints/pretrain_<hidden_size>_resume/.
 """
 
 from dataset.lm_dataset import PretrainDataset
-from trainer.trainer_utils import REPO_ROOT, causal_lm_loss, load_model, parse_args, run_main, train
+from trainer.trainer_utils import REPO_ROOT, causal_lm_loss, load_model, parse_args, run_main, setup_run, train
 
 
 def add_flags(parser) -> None:
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
         "learning_rate": 2e-3,
         "epochs": 1,
     })
+    setup_run(args)  # device, dtype, torchrun's process group, seeds
     model, tokenizer = load_model(args)
 
     # 2. Dataset: documents tokenized, joined with <|endoftext|> and cut into blocks of max_seq_len tokens

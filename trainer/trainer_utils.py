@@ -1,19 +1,23 @@
 """The one training loop every stage script shares, and what it needs around it.
 
-A stage script (train_pretrain.py, train_full_sft.py, ...) reads in four parts and calls this module three times:
+A stage script (train_pretrain.py, train_full_sft.py, ...) reads in four parts and calls this module four times:
 
-    args = parse_args("pretrain", __doc__, add_flags=..., defaults=...)  # flags; device, dtype, torchrun, seeds
+    args = parse_args("pretrain", __doc__, add_flags=..., defaults=...)  # flags: parsed and checked, nothing more
+    setup_run(args)                                                      # device, dtype, torchrun, seeds
     model, tokenizer = load_model(args)                                  # --from_weight: none | stage | path
     dataset = PretrainDataset(args.data_path, tokenizer, args.max_seq_len)
     def loss_fn(model, batch): ...                                       # the stage's math, in the stage script
     train(args, model, tokenizer, dataset, loss_fn, eval_dataset)        # this loop
 
-Read top to bottom: flags -> the entry point -> loading a model -> the order of the data -> the learning-rate
-schedule and optimizer -> `train` itself. Around it: `trainer/distributed.py` (device, dtype, torchrun, rank-0
-output), `trainer/checkpoint.py` (files on disk), `trainer/monitor.py` (eval, metrics log, stop signals).
+(parse_args lives in `trainer/flags.py`, setup_run in `trainer/distributed.py`; both are imported from here.)
+Read top to bottom: the entry point -> loading a model -> the order of the data -> the learning-rate schedule and
+optimizer -> the loss -> compilation -> the loop: `optimizer_step` (one step over its micro-batches), the small
+pieces of a step (plan_steps, wrap_model, learning_rate, step_totals, log_step, evaluate_and_save_if_due), and
+`train`, which reads as nanoGPT's loop with its `model` (what the step calls) and `raw_model` (what evaluates and
+saves). Around it: `trainer/distributed.py` (device, dtype, torchrun, rank-0 output), `trainer/checkpoint.py`
+(files on disk), `trainer/monitor.py` (eval, metrics log, stop signals).
 """
 
-import argparse
 import ctypes
 import math
 import os
@@ -23,6 +27,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -34,192 +39,20 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from dataset.cli import (HelpFormatter, fraction, int_in_range, non_negative_float,  # noqa: F401 (stage scripts)
-                         non_negative_int, positive_float, positive_int)
 from dataset.lm_dataset import DataFormatError
-from model.loading import default_device, load_pretrained
+from model.loading import load_pretrained
 from model.model_minimind import IGNORE_INDEX, MiniMindConfig, MiniMindForCausalLM
 from trainer.checkpoint import (PARTIAL_FILE, checkpoint_name, refuse_other_shapes, restore_checkpoint,
                                 save_checkpoint, save_weights, unfinished_step)
-from trainer.distributed import (deepspeed_engine, full_tensor, gradient_sync, is_deepspeed, log, parallelize,
-                                 rank_and_world_size, setup_run)
+from trainer.distributed import (batch_to_device, deepspeed_engine, full_tensor, gradient_sync, is_deepspeed, log,
+                                 parallelize, rank_and_world_size)
+from trainer.distributed import setup_run  # noqa: F401 (the stage scripts import it with parse_args from here)
+from trainer.flags import (REPO_ROOT, fraction, int_in_range, non_negative_float,  # noqa: F401 (the stage scripts)
+                           non_negative_int, parse_args, positive_float, positive_int)
 from trainer.monitor import MetricsLog, evaluate, stop_on_signal
 from trainer.resume_checks import run_lock, run_settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 LENGTH_GROUP_BATCHES = 50  # samples are sorted by length within chunks of this many batches
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Flags
-
-
-def parse_args(stage: str, description: str, add_flags=None, defaults: dict | None = None, argv=None):
-    """Parse the shared flags (plus the stage's own), then set up the run: device, dtype, torchrun, seeds.
-
-    Args:
-        stage: the stage's name; the default --save_weight, e.g. "pretrain".
-        add_flags: optional function(parser) adding the stage's own flags.
-        defaults: {flag dest: value} overriding shared defaults, e.g. {"learning_rate": 5e-5}.
-        argv: the command line without the program name; None reads sys.argv.
-    Returns:
-        argparse.Namespace with every flag, `stage`, and `device` / `dtype` resolved to what this process uses.
-    """
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    paths = parser.add_argument_group("data and checkpoints")
-    paths.add_argument("--data_path", help="training jsonl file")
-    paths.add_argument("--eval_data_path", help="held-out jsonl file for eval loss and perplexity (empty: no eval)")
-    paths.add_argument("--save_dir", default=str(REPO_ROOT / "out"), help="where weights dirs and runs/ logs go")
-    paths.add_argument("--checkpoint_dir", default=str(REPO_ROOT / "checkpoints"), help="where resume states go")
-    paths.add_argument("--save_weight", default=stage, help="saved as <save_weight>_<hidden_size>[_moe]")
-    paths.add_argument("--from_weight", default="none", help="none | a stage name under --save_dir | a directory")
-    paths.add_argument("--from_resume", type=int, choices=(0, 1), default=0,
-                       help="1: continue the interrupted run from its newest intact resume state. Refused when "
-                            "--batch_size, --accumulation_steps, --max_seq_len, --epochs, --seed, the --data_path "
-                            "file or the model's shape differ from that run's; free to change: --max_steps, "
-                            "--eval_interval, --log_interval, --save_interval, --keep_last, --num_workers, "
-                            "--device, and the number of processes under ddp or fsdp (with --accumulation_steps "
-                            "x processes unchanged); the optimizer flags (--learning_rate, ...) apply from the "
-                            "resumed step on")
-    paths.add_argument("--keep_last", type=positive_int, default=2, help="resume states kept (newest first)")
-    paths.add_argument("--skip_bad_lines", type=int, choices=(0, 1), default=0,
-                       help="1: skip (and count) invalid data lines instead of stopping at the first one")
-    paths.add_argument("--tokenizer_path", default=str(REPO_ROOT / "model" / "tokenizer"), help="tokenizer dir")
-    optim = parser.add_argument_group("optimization")
-    optim.add_argument("--epochs", type=positive_int, default=1, help="passes over the training data")
-    optim.add_argument("--max_steps", type=positive_int, help="cap on optimizer steps; the schedule ends there")
-    optim.add_argument("--time_budget", type=positive_float,
-                       help="minutes of wall time (eval and saving included): the learning-rate schedule runs on "
-                            "the fraction spent, and the run saves and ends when it is spent (or at --epochs / "
-                            "--max_steps, if sooner); resumes continue the same budget")
-    optim.add_argument("--batch_size", type=positive_int, default=16, help="samples per micro-batch per process")
-    optim.add_argument("--learning_rate", type=positive_float, default=5e-4, help="peak learning rate after warmup")
-    optim.add_argument("--weight_decay", type=non_negative_float, default=0.1,
-                       help="AdamW decay of matrices (not norms)")
-    optim.add_argument("--warmup_steps", type=non_negative_int, default=20, help="optimizer steps of linear warmup")
-    optim.add_argument("--min_lr_ratio", type=fraction, default=0.1,
-                       help="final learning rate / peak learning rate (0 to 1)")
-    optim.add_argument("--accumulation_steps", type=positive_int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--grad_clip", type=non_negative_float, default=1.0,
-                       help="max global gradient L2 norm (0: no clipping)")
-    run = parser.add_argument_group("hardware and logging")
-    run.add_argument("--device", default=default_device(), help="cuda | mps | cpu (first available)")
-    run.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                     help="autocast dtype over float32 weights; auto: bfloat16 on CUDA that has it, float16 on older "
-                          "CUDA, on CPU bfloat16 where a timed matmul shows it clearly faster (AMX, AVX512-BF16), "
-                          "else float32 (model/precision.py); the choice is printed first")
-    run.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp", "deepspeed"),
-                     help="under torchrun: ddp replicates the model on every process, fsdp shards weights, "
-                          "gradients and optimizer state over them, deepspeed runs DeepSpeed ZeRO")
-    run.add_argument("--deepspeed_config", default=str(REPO_ROOT / "trainer" / "ds_config" / "zero2.json"),
-                     help="DeepSpeed JSON (ZeRO options; batch, clipping, dtype come from the flags); zero3.json "
-                          "shards the weights too")
-    run.add_argument("--compile", "--use_compile", type=compile_setting, default="auto",
-                     help="1: torch.compile the model for training (the first step compiles, about a minute); 0: "
-                          "eager; auto: compile when the first steps show the run is long enough to earn it back")
-    run.add_argument("--gradient_checkpointing", type=int, choices=(0, 1), default=0,
-                     help="1: recompute each layer's activations in backward (less memory, ~1/3 more compute)")
-    run.add_argument("--keep_freed_memory", type=int, choices=(0, 1), default=1,
-                     help="CPU on Linux: keep freed memory for the next step instead of returning it to the OS "
-                          "(about 10%% faster; peak memory up to a quarter higher; see keep_freed_memory)")
-    run.add_argument("--num_workers", type=non_negative_int, default=0,
-                     help="DataLoader worker processes (0: main process)")
-    run.add_argument("--seed", type=int_in_range(0, 2**32 - 1), default=42,
-                     help="seed of the initialization and the data order (0 to 2**32 - 1)")
-    run.add_argument("--log_interval", type=positive_int, default=10, help="optimizer steps between log lines")
-    run.add_argument("--eval_interval", type=positive_int, default=100, help="optimizer steps between evals")
-    run.add_argument("--eval_batches", type=positive_int, default=50, help="most batches per eval")
-    run.add_argument("--save_interval", type=positive_int, default=1000, help="optimizer steps between saves")
-    run.add_argument("--use_wandb", type=int, choices=(0, 1), default=0, help="1: also log to Weights & Biases")
-    run.add_argument("--wandb_project", default="minimind", help="wandb project name")
-    shape = parser.add_argument_group(
-        "model shape (for --from_weight none; a checkpoint brings its own, and --hidden_size, --use_moe pick the "
-        "stage's directory). The defaults are a 4.6M-parameter model sized for the shipped data on a laptop CPU; "
-        "MiniMind2-small is --hidden_size 512 --num_hidden_layers 8 --num_attention_heads 8 "
-        "--num_key_value_heads 4, MiniMind2 is --hidden_size 768 --num_hidden_layers 16 (same heads)")
-    shape.add_argument("--hidden_size", type=positive_int, default=256, help="width of the residual stream")
-    shape.add_argument("--num_hidden_layers", type=positive_int, default=4, help="decoder layers")
-    shape.add_argument("--num_attention_heads", type=positive_int, default=4, help="query heads")
-    shape.add_argument("--num_key_value_heads", type=positive_int, default=2, help="key/value heads (GQA)")
-    shape.add_argument("--max_seq_len", type=int_in_range(2), default=256,
-                       help="tokens per training sample (at least 2: one input and the token it predicts)")
-    shape.add_argument("--use_moe", type=int, choices=(0, 1), default=0, help="1: Mixture-of-Experts feed-forward")
-    shape.add_argument("--num_experts", type=positive_int, default=4, help="experts per MoE layer")
-    shape.add_argument("--num_experts_per_tok", type=positive_int, default=1, help="experts each token runs")
-    if add_flags is not None:
-        add_flags(parser)
-    unknown = set(defaults or {}) - {action.dest for action in parser._actions}
-    if unknown:
-        raise ValueError(f"defaults name no flag: {sorted(unknown)}")
-    parser.set_defaults(**(defaults or {}))
-    args = parser.parse_args(argv)
-    args.stage = stage
-    check_paths(args)
-    setup_run(args)
-    log_ignored_shape_flags(args, given_flags(parser, argv))
-    return args
-
-
-def check_paths(args) -> None:
-    """Refuse a missing --data_path / --eval_data_path and an unwritable --save_dir / --checkpoint_dir at once,
-    naming the flag, instead of after the model is built or at the first save (step 1000 by default).
-
-    Nothing is created here: a directory that does not exist yet must be creatable (its nearest existing parent a
-    writable directory).
-    Raises:
-        SystemExit: one sentence naming the flag and the path.
-    """
-    for flag in ("data_path", "eval_data_path"):
-        path = getattr(args, flag, None)
-        if path and not Path(path).is_file():
-            problem = "is a directory; expected a .jsonl file" if Path(path).is_dir() else "no such file"
-            raise SystemExit(f"--{flag} {path}: {problem}")
-    for flag in ("save_dir", "checkpoint_dir"):
-        directory = Path(getattr(args, flag)).absolute()
-        existing = next(parent for parent in (directory, *directory.parents) if parent.exists())
-        if not existing.is_dir():
-            raise SystemExit(f"--{flag} {directory}: {existing} is a file, not a directory; pass another directory")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise SystemExit(f"--{flag} {directory}: {existing} is not writable (permissions or a read-only file "
-                             "system); pass a directory you can write to")
-
-
-SHAPE_FLAG_DESTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
-                    "num_experts", "num_experts_per_tok")
-
-
-def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The dests of the flags the command line sets (abbreviated or with "=" too), not left at their defaults."""
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS  # parsed again, a flag left out leaves no attribute
-    parser._defaults.clear()
-    return set(vars(parser.parse_args(argv)))
-
-
-def log_ignored_shape_flags(args, given: set[str]) -> None:
-    """Say (one line) which shape flags given on the command line a --from_weight checkpoint overrides.
-
-    A checkpoint brings its own shape (config.json); of a stage name, only --hidden_size and --use_moe count
-    (they pick its directory), of a directory none.
-    """
-    weight = args.from_weight
-    if weight == "none":
-        return
-    stage_dir = Path(args.save_dir) / checkpoint_name(weight, args.hidden_size, args.use_moe)
-    is_directory = not stage_dir.is_dir() and (os.sep in weight or Path(weight).is_dir())  # as resolve_weight_dir
-    used = () if is_directory else ("hidden_size", "use_moe")
-    ignored = [f"--{dest}" for dest in SHAPE_FLAG_DESTS if dest in given and dest not in used]
-    if ignored:
-        named = "; the output is named after its width" if "--hidden_size" in ignored else ""
-        log(f"{', '.join(ignored)} ignored: --from_weight {weight} brings its own model shape "
-            f"(its config.json){named}")
-
-
-def compile_setting(value: str):
-    """--compile's value: "auto", or 0 / 1 as ints."""
-    if value not in ("0", "1", "auto"):
-        raise argparse.ArgumentTypeError(f"{value!r}: use 0, 1 or auto")
-    return value if value == "auto" else int(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,7 +305,9 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = torch.device(args.device).type == "cuda"
+    # fused: one kernel for all parameters instead of a loop over them; on CPU too (at the 26.9M reference shape
+    # 8.6 vs 38 ms a step, bench: README Performance); MPS and others keep the default loop
+    fused = torch.device(args.device).type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=fused)
 
 
@@ -656,7 +491,8 @@ def optimizer_step(model, micro_batches: list[dict], loss_fn, optimizer, scaler,
     synchronized), so all ranks agree.
 
     Args:
-        micro_batches: collated batches (on the host); count_items(batch) -> items its loss averages over.
+        micro_batches: collated batches (on the host; their tensors move to the device here, other values pass
+            as they are); count_items(batch) -> items its loss averages over.
     Returns:
         (this rank's sum of n_i * micro-batch loss, {metric: sum of n_i * value}, N (a float tensor: the step's
          items on all ranks), non-padding input tokens, gradient norm before clipping, whether the update was
@@ -671,7 +507,7 @@ def optimizer_step(model, micro_batches: list[dict], loss_fn, optimizer, scaler,
     loss_sum, metric_sums = torch.zeros((), device=device), {}
     tokens = sum(count_tokens(batch) for batch in micro_batches)
     for i, batch in enumerate(micro_batches):
-        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        batch = batch_to_device(batch, device, non_blocking=True)  # tensors; other fields as they are
         weight = counts[i] * world_size / total  # n_i / N, times the world size the gradient average divides by
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):
             with autocast:
@@ -716,15 +552,126 @@ def deepspeed_update(engine, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return torch.tensor(engine.get_global_grad_norm() or 0.0), True
 
 
-def stop_on_divergence(args, model, tokenizer, optimizer, scaler, state: dict, weights_dir: Path, resume_dir: Path,
-                       save_weights_fn: Callable, loss: float, grad_norm: float, total_steps: int | None = None,
-                       applied: bool = False) -> None:
+def plan_steps(args, num_samples: int, lengths: list[int] | None, rank: int, world_size: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps of the run): --epochs of them, capped at --max_steps."""
+    batches_per_epoch = len(epoch_batches(num_samples, args.batch_size, args.seed, 0, lengths, rank, world_size))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.accumulation_steps)
+    return steps_per_epoch, min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+
+
+def held_out_batches(args, eval_dataset, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's share of --eval_batches held-out batches: a fixed random sample, so evals at different steps
+    are comparable.
+
+    Raises:
+        SystemExit: when the held-out data makes fewer batches than there are processes.
+    """
+    batches = epoch_batches(len(eval_dataset), args.batch_size, args.seed, 0,
+                            getattr(eval_dataset, "lengths", None))[:args.eval_batches]
+    # every rank evaluates as many batches (FSDP's forward is collective), so the count is cut to a multiple
+    batches = batches[:len(batches) - len(batches) % world_size][rank::world_size]
+    if not batches:
+        raise SystemExit(f"{args.eval_data_path}: fewer held-out batches of --batch_size {args.batch_size} "
+                         f"than the {world_size} processes; lower --batch_size or use more held-out data")
+    return batches
+
+
+def wrap_model(raw_model: torch.nn.Module, args, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """(the model the step calls, its optimizer) for `raw_model`, the unwrapped model on its device.
+
+    --gradient_checkpointing is switched on, the model is spread over the processes (parallelize: DDP wraps it,
+    FSDP shards it in place), AdamW is built over this rank's parameters, and for --parallel deepspeed both go
+    into DeepSpeed's engine. Under plain `python` the model the step calls is raw_model itself.
+    """
+    if args.gradient_checkpointing:
+        raw_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = parallelize(raw_model, args.parallel, device)
+    optimizer = build_optimizer(raw_model, args)  # after sharding: FSDP's optimizer holds only this rank's shards
+    if args.parallel == "deepspeed":
+        model, optimizer = deepspeed_engine(raw_model, optimizer, args)
+    return model, optimizer
+
+
+def resume_if_asked(args, raw_model, optimizer, scaler, state: dict, resume_dir: Path, name: str) -> bool:
+    """--from_resume 1: load the newest resume state into raw_model, optimizer, scaler and `state`; True when
+    one was there (a first run with --from_resume 1 starts at step 0, unless states of another shape exist)."""
+    if not args.from_resume:
+        return False
+    restored = restore_checkpoint(resume_dir, raw_model, optimizer, scaler, state["run"])
+    if restored is None:
+        refuse_other_shapes(args.checkpoint_dir, args.save_weight, name)
+        log(f"--from_resume 1: no resume state in {resume_dir} yet, starting at step 0")
+        return False
+    state.update(restored)
+    return True
+
+
+def progress_bar(state: dict, total_steps: int, budget_s: float | None, rank: int) -> tqdm:
+    """Rank 0's bar: in steps, or under --time_budget in seconds (so its ETA is the time left of the budget)."""
+    if budget_s:
+        return tqdm(total=round(budget_s), initial=min(round(state["elapsed_s"]), round(budget_s)),
+                    disable=rank != 0, unit="s", dynamic_ncols=True)
+    return tqdm(total=total_steps, initial=state["step"], disable=rank != 0, unit="step", dynamic_ncols=True)
+
+
+def learning_rate(args, step: int, elapsed_s: float, budget_s: float | None, total_steps: int) -> float:
+    """The rate of optimizer step `step`: cosine_lr over the steps, or time_budget_lr over the budget spent."""
+    if budget_s:
+        return time_budget_lr(step, elapsed_s, budget_s, args.learning_rate, args.warmup_steps, args.min_lr_ratio)
+    return cosine_lr(step, args.learning_rate, args.warmup_steps, total_steps, args.min_lr_ratio)
+
+
+def step_totals(args, step: int, loss_sum: torch.Tensor, metric_sums: dict, items: torch.Tensor, tokens: int,
+                stop: bool, device: torch.device) -> tuple[float, dict, float, bool]:
+    """The step's figures over all ranks, in one all-reduce: its loss and metrics (optimizer_step's item-weighted
+    sums over N, the step's items on all ranks), its non-padding input tokens, and whether a rank must stop.
+
+    Raises:
+        SystemExit: when no position of the step's batches carries a loss.
+    """
+    totals = torch.stack([loss_sum, *metric_sums.values(), torch.tensor(float(tokens), device=device),
+                          torch.tensor(float(stop), device=device)])
+    if rank_and_world_size()[1] > 1:
+        dist.all_reduce(totals)
+    *sums, step_tokens, stops = totals.tolist()
+    if not float(items):
+        raise SystemExit(f"step {step}: no position of this step's batches carries a loss (are all replies beyond "
+                         f"--max_seq_len {args.max_seq_len}?); check the data")
+    metrics = {key: value / float(items) for key, value in zip(metric_sums, sums[1:])}
+    return sums[0] / float(items), metrics, step_tokens, stops > 0
+
+
+def log_step(metrics_log: MetricsLog, bar: tqdm, state: dict, loss: float, metrics: dict, lr: float,
+             grad_norm: float, tokens_per_s: float) -> None:
+    """The step's figures on the progress bar and in metrics.jsonl (and wandb)."""
+    bar.set_postfix(step=state["step"], loss=f"{loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{grad_norm:.2f}",
+                    tok_s=f"{tokens_per_s:,.0f}")
+    metrics_log.write({"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": tokens_per_s, "tokens_seen": state["tokens_seen"],
+                       "elapsed_s": state["elapsed_s"], **metrics})
+
+
+def evaluate_and_save_if_due(args, step: int, total_steps: int, stopped: bool, evaluate_held_out: Callable | None,
+                             save: Callable, metrics_log: MetricsLog, summary: dict) -> None:
+    """Evaluate every --eval_interval steps and at the last one (when there is held-out data); save every
+    --save_interval steps, at the last one, and when a signal stops the run (every rank takes part in both)."""
+    if evaluate_held_out is not None and (step % args.eval_interval == 0 or step == total_steps):
+        result = evaluate_held_out()
+        summary["eval_loss"], summary["eval"] = result["eval_loss"], result
+        log(f"step {step}: " + ", ".join(f"{key.removeprefix('eval_')} {value:.4f}" for key, value in result.items()))
+        metrics_log.write({"step": step, **result})
+    if step % args.save_interval == 0 or step == total_steps or stopped:
+        save(total_steps=total_steps)
+
+
+def stop_on_divergence(args, save: Callable, state: dict, resume_dir: Path, loss: float, grad_norm: float,
+                       total_steps: int, applied: bool = False) -> None:
     """End the run with advice when a step's gradient norm or loss is not finite.
 
     A non-finite gradient norm skipped the update, so the model is still the last good one: it is saved first
-    (the weights dir marked unfinished). A non-finite loss with a finite gradient (`applied`: e.g. a batch without
-    a single labelled position) has changed the weights already, so nothing is saved: the newest resume state is
-    the one to continue from.
+    (`save`, the weights dir marked unfinished). A non-finite loss with a finite gradient (`applied`: e.g. a batch
+    without a single labelled position) has changed the weights already, so nothing is saved: the newest resume
+    state is the one to continue from.
     Raises:
         SystemExit: always, naming the step, the loss and the gradient norm.
     """
@@ -735,8 +682,7 @@ def stop_on_divergence(args, model, tokenizer, optimizer, scaler, state: dict, w
             f"is saved; the newest state in {resume_dir} is the one to continue from. Usual causes: a batch without "
             f"a labelled position (samples cut short by --max_seq_len {args.max_seq_len}?), a learning rate too high "
             f"(--learning_rate {args.learning_rate}) or float16 overflow; fix it and continue with --from_resume 1")
-    save_checkpoint(model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir, save_weights_fn,
-                    args.keep_last, total_steps)
+    save(total_steps=total_steps)
     raise SystemExit(
         f"step {step}: the loss is {loss} and the gradient norm {grad_norm}; the update was not applied and the "
         f"last good state (step {state['step']}) is saved in {resume_dir}. Usual causes: a learning rate too high "
@@ -748,12 +694,21 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
           save_weights_fn: Callable = save_weights, count_items: Callable[[dict], int] = count_loss_tokens) -> dict:
     """Train `model` by minimizing `loss_fn` over `train_dataset`; log, evaluate, save, and resume with --from_resume.
 
+    Reads as nanoGPT's train.py: the setup (device, the step plan, the model wrapped for the processes, the
+    optimizer, resume), then one iteration per optimizer step: its learning rate, optimizer_step, the step's
+    figures over all ranks (step_totals), log_step, evaluate_and_save_if_due. The network has two names, as in
+    nanoGPT: `model` is what the step calls (under torchrun wrapped in DDP, sharded by FSDP or inside DeepSpeed's
+    engine; compiled when --compile says so), `raw_model` the module that evaluates, saves and restores (the model
+    itself; under DeepSpeed its engine, which gathers ZeRO-3's shards).
+
     Args:
-        model: the unwrapped model (float32 master weights); moved to --device and wrapped in DDP here.
-        train_dataset, eval_dataset: datasets with `collate(items) -> dict of batched tensors` and optionally
-            `lengths` (token count per sample, used to batch samples of similar length together).
+        model: the unwrapped model (float32 master weights); moved to --device and wrapped for the processes here.
+        train_dataset, eval_dataset: datasets with `collate(items) -> dict of batched tensors` (other values, such
+            as lists, pass to loss_fn as they are) and optionally `lengths` (token count per sample, used to batch
+            samples of similar length together).
         loss_fn: function(model, batch) -> (scalar loss tensor, {metric name: scalar}); `batch` is the collated dict
-            on the device. Metrics are averaged like the loss and logged; an `lm_loss` metric feeds the perplexity.
+            with its tensors on the device. Metrics are averaged like the loss and logged; an `lm_loss` metric feeds
+            the perplexity.
         count_items: function(batch) -> the number of items loss_fn's mean runs over: loss tokens
             (count_loss_tokens, the default), or rows (count_rows) for losses that average over pairs or sequences.
             A step's loss is the mean over all its items (optimizer_step).
@@ -767,56 +722,39 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
          "stopped": True when a signal ended the run before its last step (saved; the weights dir is marked
          unfinished), "signal": the number of that signal (SIGINT, SIGTERM) or None; run_main exits with 128 + it}
     """
+    # Setup: device, the plan of steps, the model wrapped for the processes and its optimizer
     rank, world_size = rank_and_world_size()
     device = torch.device(args.device)
     if device.type == "cpu" and args.keep_freed_memory:
         keep_freed_memory()
-    model.to(device)
-    name = checkpoint_name(args.save_weight, model.config.hidden_size, model.config.use_moe)
+    raw_model = model.to(device)
+    name = checkpoint_name(args.save_weight, raw_model.config.hidden_size, raw_model.config.use_moe)
     weights_dir, resume_dir = Path(args.save_dir) / name, Path(args.checkpoint_dir) / f"{name}_resume"
     autocast = nullcontext() if args.dtype == "float32" else torch.autocast(device.type, getattr(torch, args.dtype))
     lengths = getattr(train_dataset, "lengths", None)
-    batches_per_epoch = len(epoch_batches(len(train_dataset), args.batch_size, args.seed, 0, lengths, rank, world_size))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.accumulation_steps)
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-
-    if eval_dataset is not None:  # a fixed random sample, so evals at different steps are comparable
-        eval_batches = epoch_batches(len(eval_dataset), args.batch_size, args.seed, 0,
-                                     getattr(eval_dataset, "lengths", None))[:args.eval_batches]
-        # every rank evaluates as many batches (FSDP's forward is collective), so the count is cut to a multiple
-        eval_batches = eval_batches[:len(eval_batches) - len(eval_batches) % world_size][rank::world_size]
-        if not eval_batches:
-            raise SystemExit(f"{args.eval_data_path}: fewer held-out batches of --batch_size {args.batch_size} "
-                             f"than the {world_size} processes; lower --batch_size or use more held-out data")
-
+    steps_per_epoch, total_steps = plan_steps(args, len(train_dataset), lengths, rank, world_size)
+    eval_batches = held_out_batches(args, eval_dataset, rank, world_size) if eval_dataset is not None else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # float16 needs loss scaling
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "elapsed_s": 0.0, "wandb_id": None,
-             "run": run_settings(args, model.config)}  # what a resume must match (check_same_run)
+             "run": run_settings(args, raw_model.config)}  # what a resume must match (check_same_run)
     if args.parallel == "fsdp" and save_weights_fn is not save_weights:
         raise SystemExit("--parallel fsdp saves whole models only; train adapters with --parallel ddp")
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    wrapped = parallelize(model, args.parallel, device)  # FSDP shards `model` in place; DDP wraps it
-    optimizer = build_optimizer(model, args)  # after sharding: FSDP's optimizer holds only this rank's shards
-    if args.parallel == "deepspeed":
-        wrapped, optimizer = deepspeed_engine(model, optimizer, args)
-    saved = wrapped if is_deepspeed(wrapped) else model  # what evaluates, saves and restores (ZeRO-3: the engine)
-    compiler = Compiler(wrapped, args.compile, device.type)
+    model, optimizer = wrap_model(raw_model, args, device)
+    if is_deepspeed(model):
+        raw_model = model  # ZeRO-3 shards the weights over the ranks: the engine gathers them to evaluate and save
+    compiler = Compiler(model, args.compile, device.type)  # the step calls `model`, or `model` compiled
+    # the two things the loop does besides stepping, bound to this run's model, optimizer and directories
+    save = partial(save_checkpoint, raw_model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
+                   save_weights_fn, args.keep_last)  # the weights dir and a resume state (every rank)
+    evaluate_held_out = None if eval_dataset is None else partial(
+        evaluate, raw_model, eval_dataset, eval_batches, loss_fn, device, autocast, eval_perplexity, count_items)
+
     # from here on a signal stops the run after its step (saved), and no other run may write these checkpoints
     with stop_on_signal() as signals, run_lock(resume_dir):
-        resumed = False
-        if args.from_resume:
-            restored = restore_checkpoint(resume_dir, saved, optimizer, scaler, state["run"])
-            resumed = restored is not None
-            if resumed:
-                state.update(restored)
-            else:
-                refuse_other_shapes(args.checkpoint_dir, args.save_weight, name)
-                log(f"--from_resume 1: no resume state in {resume_dir} yet, starting at step 0")
+        resumed = resume_if_asked(args, raw_model, optimizer, scaler, state, resume_dir, name)
         metrics_log = MetricsLog(Path(args.save_dir) / "runs" / name / "metrics.jsonl", args,
                                  state["step"] if resumed else None, state["wandb_id"])
         state["wandb_id"] = metrics_log.wandb_id
-
         log(f"dtype: {args.dtype_reason}")
         if not resumed:  # the header: what this machine chose, and why
             metrics_log.write({"step": 0, "dtype": args.dtype, "dtype_reason": args.dtype_reason})
@@ -827,52 +765,37 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
         step, summary = state["step"], {"loss": None, "eval_loss": None, "eval": None, "stopped": False}
         clock = time.time() - state["elapsed_s"]  # elapsed_s continues across resumes (and so does the budget)
         budget_s = 60 * args.time_budget if args.time_budget else None
-        if budget_s:  # the bar counts seconds, so its ETA is the time left of the budget
-            bar = tqdm(total=round(budget_s), initial=min(round(state["elapsed_s"]), round(budget_s)),
-                       disable=rank != 0, unit="s", dynamic_ncols=True)
-        else:
-            bar = tqdm(total=total_steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
+        bar = progress_bar(state, total_steps, budget_s, rank)
         log_tokens, log_time = 0, time.time()
+
+        # The loop: one iteration per optimizer step
         for epoch in range(state["epoch"], args.epochs):
             batches = epoch_batches(len(train_dataset), args.batch_size, args.seed, epoch, lengths, rank, world_size)
             position = state["batch_in_epoch"] if epoch == state["epoch"] else 0
             data = iter(DataLoader(train_dataset, batch_sampler=batches[position:], collate_fn=train_dataset.collate,
                                    num_workers=args.num_workers, pin_memory=device.type == "cuda"))
             while position < len(batches) and step < total_steps and not summary["stopped"]:
-                if budget_s:
-                    lr = time_budget_lr(step, time.time() - clock, budget_s, args.learning_rate, args.warmup_steps,
-                                        args.min_lr_ratio)
-                else:
-                    lr = cosine_lr(step, args.learning_rate, args.warmup_steps, total_steps, args.min_lr_ratio)
+                lr = learning_rate(args, step, time.time() - clock, budget_s, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 micro_batches = [next(data) for _ in range(min(args.accumulation_steps, len(batches) - position))]
                 step_start = time.perf_counter()
                 loss_sum, metric_sums, items, tokens, grad_norm, applied = compiler.run(
-                    lambda module: optimizer_step(module, micro_batches, loss_fn, optimizer, scaler, autocast, args,
-                                                  count_items),
+                    lambda model: optimizer_step(model, micro_batches, loss_fn, optimizer, scaler, autocast, args,
+                                                 count_items),
                     reset=lambda: optimizer.zero_grad(set_to_none=True))
                 if not applied:
-                    stop_on_divergence(args, saved, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
-                                       save_weights_fn, float(loss_sum / items), float(grad_norm), total_steps)
+                    stop_on_divergence(args, save, state, resume_dir, float(loss_sum / items), float(grad_norm),
+                                       total_steps)
                 position, step = position + len(micro_batches), step + 1
                 compiler.consider(time.perf_counter() - step_start, total_steps - step,
                                   budget_s - (time.time() - clock) if budget_s else math.inf)
-                # over all ranks: the item-weighted loss and metric sums, total tokens, whether a rank must stop
-                totals = torch.stack([loss_sum, *metric_sums.values(), torch.tensor(float(tokens), device=device),
-                                      torch.tensor(float(signals["stop"]), device=device)])
-                if world_size > 1:
-                    dist.all_reduce(totals)
-                *sums, step_tokens, stop = totals.tolist()
-                if not float(items):
-                    raise SystemExit(f"step {step}: no position of this step's batches carries a loss (are all "
-                                     f"replies beyond --max_seq_len {args.max_seq_len}?); check the data")
-                loss_value, metric_values = sums[0] / float(items), [value / float(items) for value in sums[1:]]
-                if not math.isfinite(loss_value):  # a NaN loss whose gradient is finite (no labelled position)
-                    stop_on_divergence(args, saved, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
-                                       save_weights_fn, loss_value, float(grad_norm), total_steps, applied=True)
+                loss, metrics, step_tokens, summary["stopped"] = step_totals(
+                    args, step, loss_sum, metric_sums, items, tokens, signals["stop"], device)
+                if not math.isfinite(loss):  # a NaN loss whose gradient is finite (no labelled position)
+                    stop_on_divergence(args, save, state, resume_dir, loss, float(grad_norm), total_steps,
+                                       applied=True)
                 log_tokens += step_tokens
-                summary["stopped"] = stop > 0
                 state.update(step=step, epoch=epoch, batch_in_epoch=position, elapsed_s=time.time() - clock,
                              tokens_seen=state["tokens_seen"] + int(step_tokens))
                 if budget_s and time.time() - clock >= budget_s:
@@ -881,24 +804,11 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
 
                 if step % args.log_interval == 0 or step == total_steps:
                     tokens_per_s, log_tokens, log_time = log_tokens / (time.time() - log_time), 0, time.time()
-                    summary["loss"] = loss_value
-                    bar.set_postfix(step=step, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                                    grad_norm=f"{float(grad_norm):.2f}", tok_s=f"{tokens_per_s:,.0f}")
-                    metrics_log.write({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
-                                       "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
-                                       "tokens_seen": state["tokens_seen"], "elapsed_s": state["elapsed_s"],
-                                       **dict(zip(metric_sums, metric_values))})
+                    summary["loss"] = loss
+                    log_step(metrics_log, bar, state, loss, metrics, lr, float(grad_norm), tokens_per_s)
                 pause = time.time()  # eval and saving do not count against tokens/s
-                if eval_dataset is not None and (step % args.eval_interval == 0 or step == total_steps):
-                    result = evaluate(saved, eval_dataset, eval_batches, loss_fn, device, autocast, eval_perplexity,
-                                      count_items)
-                    summary["eval_loss"], summary["eval"] = result["eval_loss"], result
-                    log(f"step {step}: " + ", ".join(f"{key.removeprefix('eval_')} {value:.4f}"
-                                                      for key, value in result.items()))
-                    metrics_log.write({"step": step, **result})
-                if step % args.save_interval == 0 or step == total_steps or summary["stopped"]:
-                    save_checkpoint(saved, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
-                                    save_weights_fn, args.keep_last, total_steps)
+                evaluate_and_save_if_due(args, step, total_steps, summary["stopped"], evaluate_held_out, save,
+                                         metrics_log, summary)
                 log_time += time.time() - pause
             if step >= total_steps or summary["stopped"]:
                 break

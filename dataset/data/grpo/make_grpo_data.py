@@ -6,11 +6,11 @@
                                solution as the assistant's reasoning_content and the final number as its content
 
 The prompt is the GSM8K question in the zero-shot form that eval/eval_bench.py uses for GSM8K ("Question:
-<q>\\nAnswer:"), so accuracy measured there with --chat_template 1 is accuracy on the prompts GRPO trains on; the
-answer is the final number of the reference solution (after "####"). The reasoning file is the "cold start" of
-DeepSeek-R1 (DeepSeek-AI 2025, section 2.3.1): a few replies in the <think> format, so that a model that has never
-written one can be rewarded for it. Records are taken in file order (no sampling): running this twice gives
-identical files.
+<q>\\nAnswer:", dataset/qa_format.py's build_prompt), so accuracy measured there with --chat_template 1 is
+accuracy on the prompts GRPO trains on; the answer is the final number of the reference solution (after "####").
+The reasoning file is the "cold start" of DeepSeek-R1 (DeepSeek-AI 2025, section 2.3.1): a few replies in the
+<think> format, so that a model that has never written one can be rewarded for it. Records are taken in file order
+(no sampling): running this twice gives identical files.
 
     python dataset/data/grpo/make_grpo_data.py                      # reads <repo>/../shared/data
     python dataset/data/grpo/make_grpo_data.py --shared_dir /path/to/data --out_dir /tmp/grpo
@@ -21,7 +21,7 @@ import json
 import re
 from pathlib import Path
 
-from eval.eval_bench import build_prompt
+from dataset.qa_format import build_prompt
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[2]
