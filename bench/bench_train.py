@@ -19,7 +19,8 @@ torch.cuda.max_memory_allocated on CUDA) is its own. A run times `--steps` optim
   run: the median of square matrix products of `--gemm_size` in the run's dtype on the same device.
 - `default` rows: what a user gets without flags: `--dtype auto` (bfloat16 where a timed matmul shows this
   machine runs it clearly faster, model/precision.py; the decision is printed) and `--compile auto`, compiled
-  when trainer_utils.compile_pays says a run of `--default_run_s` eager seconds earns the compilation back.
+  when trainer_utils.compile_pays says a run of `--default_run_s` eager seconds earns the compilation back and
+  the batches have one shape (pretraining; SFT's varying lengths stay eager).
 - `transformers` rows: stock Qwen3ForCausalLM of the same shape in a plain loop (forward with labels, backward,
   clip, AdamW), the reference our model must not be slower than.
 - `upstream_padding` rows (SFT only): upstream MiniMind's SFT batching on our model and loop: the same batches
@@ -164,7 +165,8 @@ def run_case(shape: str, mode: str, impl: str, args) -> dict:
 
     compiled = bool(args.compile)
     if impl == "default":
-        compiled = compile_pays(args.default_run_s, device.type)
+        # as the loop's --compile auto decides: SFT's batches vary in length, so it stays eager
+        compiled = mode == "pretrain" and compile_pays(args.default_run_s, device.type)
     if impl in ("ours", "upstream_padding", "default"):
         model.to(device)
         net = torch.compile(model) if compiled else model

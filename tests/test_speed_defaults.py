@@ -104,6 +104,10 @@ def test_auto_compiles_after_timing_the_first_steps_when_the_rest_is_long(monkey
     long_run.consider(1.0, remaining_steps=10_000)  # decided once
     assert fake.calls == ["eager"]
     assert Compiler("eager", 0, "cpu").module == "eager"
+    varying = Compiler("eager", "auto", "cpu", fixed_shapes=False)  # SFT: every new batch length would recompile
+    for step_seconds in (5.0, 1.0, 1.0):
+        varying.consider(step_seconds, remaining_steps=10_000)
+    assert varying.module == "eager"
 
 
 def test_a_failing_compilation_warns_once_and_the_step_runs_eagerly(capsys):

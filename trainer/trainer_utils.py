@@ -392,10 +392,13 @@ def keep_freed_memory() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # Compilation: --compile 0 | 1 | auto
 
-# Measured with bench/bench_compile.py (see README, Performance): seconds the first compiled step takes beyond an
-# eager one, and the eager / compiled step time afterwards, per device type.
-COMPILE_COST_S = {"cpu": 60.0, "cuda": 60.0}
-COMPILE_SPEEDUP = {"cpu": 1.15, "cuda": 1.3}
+# Seconds the first compiled step takes beyond an eager one, and eager / compiled step time afterwards, per device
+# type. CPU: `bench/bench_train.py --modes pretrain --impls ours --dtype bfloat16 --compile 1` with an empty
+# TORCHINDUCTOR_CACHE_DIR on a 2-vCPU AMD EPYC (Zen 4), 2026-12-01: first step 35-37 s at the quick and the 26.9M
+# reference shapes; 1.35x (quick) and 1.17x (reference) after it; the smaller figure is kept. CUDA: not measured
+# here (no GPU was lent), a cautious guess.
+COMPILE_COST_S = {"cpu": 35.0, "cuda": 60.0}
+COMPILE_SPEEDUP = {"cpu": 1.17, "cuda": 1.3}
 AUTO_COMPILE_AFTER_STEPS = 3  # --compile auto times this many eager steps (the first is warm-up) before deciding
 
 
@@ -410,7 +413,8 @@ def compile_pays(remaining_eager_s: float, device_type: str) -> bool:
 
 class Compiler:
     """The module the loop calls: eager, compiled from the start (--compile 1), or compiled once the first steps
-    show the run is long enough to earn the compilation back (--compile auto, compile_pays).
+    show the run is long enough to earn the compilation back (--compile auto, compile_pays) and its batches all
+    have one shape (pretraining's packed blocks; SFT's length-grouped batches would recompile).
 
     torch.compile (TorchInductor) fuses the elementwise work between the matrix products (RMSNorm, RoPE, SwiGLU,
     the casts of autocast) into generated kernels; it compiles lazily, inside the first step it runs. If that
@@ -419,8 +423,8 @@ class Compiler:
     at the gradient buckets); DeepSpeed's engine is not compiled here (its config has its own compile option).
     """
 
-    def __init__(self, eager: torch.nn.Module, setting, device_type: str):
-        self.eager, self.module, self.device_type = eager, eager, device_type
+    def __init__(self, eager: torch.nn.Module, setting, device_type: str, fixed_shapes: bool = True):
+        self.eager, self.module, self.device_type, self.fixed_shapes = eager, eager, device_type, fixed_shapes
         self.setting, self.proven, self.step_times = setting, False, []
         if setting == 1 and is_deepspeed(eager):
             raise SystemExit("--compile 1 with --parallel deepspeed: set DeepSpeed's own compile in its config")
@@ -436,6 +440,9 @@ class Compiler:
         if len(self.step_times) < AUTO_COMPILE_AFTER_STEPS:
             return
         remaining_s = min(remaining_steps * min(self.step_times[1:]), remaining_budget_s)
+        if not self.fixed_shapes:  # measured: SFT batches of new lengths recompiled step after step (3-4 s a step)
+            log("--compile auto: eager (batches of varying length would recompile the graph; --compile 1 forces it)")
+            return
         if is_deepspeed(self.eager) or not compile_pays(remaining_s, self.device_type):
             log(f"--compile auto: eager (about {remaining_s:.0f} s of eager steps left; compiling costs about "
                 f"{COMPILE_COST_S.get(self.device_type, 0):.0f} s on {self.device_type})")
@@ -742,7 +749,8 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
     model, optimizer = wrap_model(raw_model, args, device)
     if is_deepspeed(model):
         raw_model = model  # ZeRO-3 shards the weights over the ranks: the engine gathers them to evaluate and save
-    compiler = Compiler(model, args.compile, device.type)  # the step calls `model`, or `model` compiled
+    fixed_shapes = lengths is None or len(set(lengths)) == 1  # packed pretraining blocks; not SFT's batches
+    compiler = Compiler(model, args.compile, device.type, fixed_shapes)  # the step calls `model`, or it compiled
     # the two things the loop does besides stepping, bound to this run's model, optimizer and directories
     save = partial(save_checkpoint, raw_model, tokenizer, optimizer, scaler, state, weights_dir, resume_dir,
                    save_weights_fn, args.keep_last)  # the weights dir and a resume state (every rank)
