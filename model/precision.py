@@ -31,9 +31,6 @@ class DtypeChoice:
     dtype: str  # "float32" | "bfloat16" | "float16"
     reason: str
 
-    def as_record(self) -> dict:
-        return {"dtype": self.dtype, "dtype_reason": self.reason}
-
 
 def cpu_bf16_flags() -> list[str]:
     """The native bfloat16 instruction sets this CPU reports (Linux /proc/cpuinfo; [] elsewhere or when unknown)."""
