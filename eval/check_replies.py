@@ -26,12 +26,16 @@ from pathlib import Path
 
 from dataset.lm_dataset import DataFormatError, read_jsonl
 from dataset.quick_corpus import PLURALS
+from eval.eval_ppl import evaluate_file
 from model.loading import load_checkpoint
 from scripts.generation import ReplyStream, prompt_ids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPTS = ["Write a short story about a cat.", "Write a short story about a dog.", "Who are you?"]
 DEFAULT_CORPUS = REPO_ROOT / "dataset" / "data" / "pretrain_quick_stories_books_truecased.jsonl"
+# --pretrain_path is scored on the quick path's held-out split and on a book in no training file
+HELD_OUT = [REPO_ROOT / "dataset" / "data" / "pretrain_quick_test.jsonl", REPO_ROOT / "dataset" / "data" /
+            "heldout_book.jsonl"]
 MIN_WORDS = 50
 MIN_CORPUS_SHARE = 0.95
 NGRAM = 4
@@ -145,6 +149,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"flag or separate by commas (default: {DEFAULT_CORPUS.relative_to(REPO_ROOT)})")
     parser.add_argument("--max_new_tokens", type=int, default=300,
                         help="tokens generated at most per reply (default: 300)")
+    parser.add_argument("--pretrain_path", default=None,
+                        help="also score this pretrained checkpoint in bits per byte (eval/eval_ppl.py: 256-token "
+                             "windows, stride 128) on " + " and ".join(p.name for p in HELD_OUT)
+                             + " (default: none)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object instead")
     return parser.parse_args(argv)
@@ -162,12 +170,19 @@ def main(argv=None) -> dict:
                for prompt in (args.prompt or DEFAULT_PROMPTS)]
     summary = {"model_path": args.model_path, "corpus": [str(p) for p in corpus], "replies": results,
                "passed": sum(r["passed"] for r in results), "total": len(results)}
+    if args.pretrain_path:
+        pretrained, tokenizer = load_checkpoint(args.pretrain_path, args.device)
+        summary["held_out_bits_per_byte"] = {
+            path.name: evaluate_file(pretrained, tokenizer, path, 256, 128, progress=False)["bits_per_byte"]
+            for path in HELD_OUT}
     if args.json:
         print(json.dumps(summary, ensure_ascii=False, indent=2))
-    else:
-        for result in results:
-            print_verdict(result)
-        print(f"{summary['passed']}/{summary['total']} replies pass")
+        return summary
+    for result in results:
+        print_verdict(result)
+    print(f"{summary['passed']}/{summary['total']} replies pass")
+    for name, bpb in summary.get("held_out_bits_per_byte", {}).items():
+        print(f"{args.pretrain_path} on {name}: {bpb:.3f} bits per byte")
     return summary
 
 

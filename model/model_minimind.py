@@ -219,6 +219,7 @@ def build_attention_mask(
     position_ids: torch.Tensor | None,
     query_length: int,
     past_length: int,
+    device: torch.device,
 ) -> torch.Tensor | None:
     """The boolean mask of which keys each query may attend to, or None when plain causal masking suffices.
 
@@ -232,16 +233,20 @@ def build_attention_mask(
         attention_mask: (batch, past_length + query_length) with 1 for real tokens and 0 for padding, or None.
         position_ids: (batch, query_length) positions of the new tokens, or None when they are consecutive
             (nothing packed: no host-side check, which also keeps torch.compile's graph whole in pretraining).
+        device: where the mask is made (the hidden states').
     Returns:
-        None (use `is_causal`), or a bool tensor (batch, 1, query_length, past_length + query_length).
+        None (use `is_causal`: no padding, no packing, and either no cache or one new token), or a bool tensor
+        (batch or 1, 1, query_length, past_length + query_length), True where the query may attend.
     """
     padded = attention_mask is not None and not bool(attention_mask.all())
     packed = (position_ids is not None and past_length == 0 and query_length > 1
               and bool((position_ids[:, 1:] == 0).any()))
-    if not padded and not packed:
+    # several new queries after a cache (a prompt prefilled in chunks): SDPA's is_causal would align the
+    # triangle to the top-left corner, letting query 0 see only key 0, so the offset triangle is built here
+    chunked = past_length > 0 and query_length > 1
+    if not padded and not packed and not chunked:
         return None
     key_length = past_length + query_length
-    device = attention_mask.device if padded else position_ids.device
     query_index = torch.arange(past_length, key_length, device=device)[:, None]  # (q, 1)
     key_index = torch.arange(key_length, device=device)[None, :]  # (1, k)
     mask = (key_index <= query_index)[None, None]  # (1, 1, q, k)
@@ -253,12 +258,52 @@ def build_attention_mask(
     return mask | (key_index == query_index)[None, None]
 
 
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                    is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention written out: softmax(Q K^T / sqrt(d) + M) V (Vaswani et al. 2017, eq. 1).
+
+    M is 0 where a query may attend and -inf elsewhere, so those keys get weight exactly 0. This is what
+    `F.scaled_dot_product_attention` computes (tests/test_inference.py: equal in float32 within 1e-5). Written
+    this way it holds the whole (batch, num_heads, q_len, kv_len) score matrix, and the softmax of it, in
+    memory: quadratic in the sequence length. Flash attention (Dao et al. 2022) gives the same output without
+    ever holding it: it walks the keys block by block, keeping per query a running maximum and a running sum
+    of exp(score - maximum) (the online softmax, Milakov & Gimelshein 2018) and rescaling the partial output
+    when the maximum grows, so only one block of scores exists at a time (scripts/xray/attention_memory.py
+    measures both). Selected with `attn_implementation="eager"`, transformers' name for it.
+
+    Args:
+        q: (batch, num_heads, q_len, head_dim).
+        k, v: (batch, num_kv_heads, kv_len, head_dim); query head h reads key/value head
+            h // (num_heads // num_kv_heads) (grouped-query attention).
+        mask: bool, broadcastable to (batch, 1, q_len, kv_len), True where the query may attend; or None.
+        is_causal: with no mask, query i sees keys 0..i (q_len == kv_len), SDPA's `is_causal`.
+        dropout_p: probability of zeroing an attention weight (training only; the survivors are scaled by
+            1 / (1 - p)). The same distribution as SDPA's dropout, not the same random draws.
+    Returns:
+        (batch, num_heads, q_len, head_dim) in the dtype of q; the softmax runs in float32, as in Qwen3's eager path.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (batch, num_heads, kv_len, head_dim)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (batch, num_heads, q_len, kv_len)
+    if is_causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()  # key <= query
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # each row sums to 1 over the keys
+    weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
+    return weights @ v  # (batch, num_heads, q_len, head_dim)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention (Ainslie et al. 2023) with q/k RMSNorm (as in Qwen3) and RoPE.
 
     `num_attention_heads` query heads share `num_key_value_heads` key/value heads, which shrinks the KV cache.
     The product itself runs in `F.scaled_dot_product_attention` (flash / memory-efficient kernels where the
-    device has them). Input and output (batch, seq, hidden_size).
+    device has them), or, with `attn_implementation="eager"` in the config (or `from_pretrained(...,
+    attn_implementation="eager")`), in `eager_attention`, the same formula written out. Input and output
+    (batch, seq, hidden_size). `cache` is a transformers `Cache` or `model.inference.KVCache`: anything with
+    `update(k, v, layer_idx) -> (all keys, all values)`.
     """
 
     def __init__(self, config: MiniMindConfig, layer_idx: int):
@@ -268,6 +313,7 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.dropout = config.attention_dropout
+        self.config = config  # read at each call: config._attn_implementation, "sdpa" (default) or "eager"
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -283,6 +329,11 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (batch, heads, seq, head_dim)
         if cache is not None:  # append this step's keys/values; get back all of them
             k, v = cache.update(k, v, self.layer_idx)
+        is_causal = mask is None and seq > 1 and k.shape[2] == seq  # one new token sees every cached key anyway
+        dropout_p = self.dropout if self.training else 0.0
+        if self.config._attn_implementation == "eager":  # the formula written out, for reading and checking
+            out = eager_attention(q, k, v, mask, is_causal, dropout_p)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
         # Each group of num_heads / num_kv_heads query heads shares one key/value head. SDPA reads the shared heads in
         # place (enable_gqa) where its kernel can: always on CPU; on CUDA/MPS only the flash kernel takes grouped
         # heads, and it needs float16/bfloat16 and no mask (transformers' use_gqa_in_sdpa checks the mask). Elsewhere
@@ -297,8 +348,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and seq > 1 and k.shape[2] == seq,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
             enable_gqa=grouped,
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -442,7 +493,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         past_length = cache.get_seq_length() if cache is not None else 0
-        mask = build_attention_mask(attention_mask, position_ids, x.shape[1], past_length)
+        mask = build_attention_mask(attention_mask, position_ids, x.shape[1], past_length, x.device)
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + x.shape[1], device=x.device).expand(x.shape[0], -1)
         cos, sin = self.rotary_emb(position_ids)

@@ -6,8 +6,11 @@
     python scripts/chat.py --model_path out/lora_identity_256 --prompt "Who are you?"   # a LoRA adapter dir
     python scripts/chat.py --weight full_sft --lora_weight lora_identity --hidden_size 256   # upstream's flags
 
-`--temperature 0` is plain greedy decoding, the reply transformers' `generate(do_sample=False)` and the server at
-temperature 0 give; the repetition penalty is off (1.0) unless `--repetition_penalty` sets it.
+Replies are decoded by model/inference.py, the KV cache and sampling loop written out (prefill, then one token at
+a time: repetition penalty, temperature, top-p), which gives token for token what transformers' `generate` gives
+with the same settings and `--seed`. `--temperature 0` is plain greedy decoding, the reply
+`generate(do_sample=False)` and the server at temperature 0 give; the repetition penalty is off (1.0) unless
+`--repetition_penalty` sets it.
 
 Interactive commands: `/clear` forgets the history, `/exit` (or Ctrl-D) quits. With `--raw 1` the text is
 continued as it is, without the chat template: the way to try a pretrained-only checkpoint. A reasoning model's
@@ -19,6 +22,7 @@ import sys
 
 import torch
 
+from model.inference import check_settings
 from model.loading import load_checkpoint
 from scripts.generation import (ReplyStream, add_chat_flags, add_checkpoint_flags, build_messages, prompt_ids,
                                 resolve_checkpoint_flags)
@@ -34,14 +38,24 @@ def parse_args(argv=None):
                         help="1: continue the prompt as plain text, no chat template (for pretrained checkpoints)")
     add_chat_flags(parser)
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: none)")
-    return resolve_checkpoint_flags(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    check_sampling_flags(parser, args)
+    return resolve_checkpoint_flags(args)
+
+
+def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with one line naming the sampling flag out of its range (the ranges model/inference.py accepts)."""
+    try:
+        check_settings(args.max_new_tokens, args.temperature, 0, args.top_p, args.repetition_penalty)
+    except ValueError as error:
+        parser.error(f"--{error}")  # each message starts with the setting's name, which is the flag's
 
 
 def stream_reply(model, tokenizer, ids: list[int], args) -> str:
-    """Generate a reply to the prompt `ids`, print it as it streams (its reasoning in <think>...</think> too
-    with --show_thinking 1), and return the answer."""
+    """Generate a reply to the prompt `ids` with model/inference.py's decoding loop, print it as it streams (its
+    reasoning in <think>...</think> too with --show_thinking 1), and return the answer."""
     reply = ReplyStream(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, written_out=True)
     thinking = False
     for reasoning, content in reply:
         if args.show_thinking and reasoning:

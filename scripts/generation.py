@@ -12,7 +12,8 @@ what the chat template puts around an answer: the reasoning in <think>...</think
 The streamed pieces always add up to the final fields, and `reply.token_ids` are exactly the ids that
 `model.generate(prompt, generation_config=generation_config(...))` returns after the prompt (same settings, same
 seed). `generation_config` is the one decoding setup of every front end, eval/ and the export checks: temperature 0
-is plain greedy decoding, and the repetition penalty is off unless asked for.
+is plain greedy decoding, and the repetition penalty is off unless asked for. `ReplyStream(..., written_out=True)`
+decodes with model/inference.py's own KV cache and loop instead (scripts/chat.py does): the same tokens.
 """
 
 import argparse
@@ -31,6 +32,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 
 from dataset.chat_format import render_prompt
+from model.inference import generate_tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -285,6 +287,9 @@ class ReplyStream:
         lock: held while the model generates, so requests from several threads take turns on one model.
         timeout_s: seconds from now (waiting for the lock included) after which generation ends after the current
             token, as at max_new_tokens (finish_reason "length"); None: no deadline.
+        written_out: decode with model/inference.py's loop (its KV cache, its sampling), in the reading thread,
+            instead of `model.generate` in a thread: the same tokens for the same settings and seed, but the
+            checkpoint's generation_config.json is not read (model/inference.py says what that leaves out).
 
     After the iteration: `token_ids` (the generated ids, a final <|im_end|> included: the completion's token
     count), `reasoning`, `content`, `tool_calls` ([{"name", "arguments"}]) and `finish_reason` ("stop": end of
@@ -299,13 +304,14 @@ class ReplyStream:
     def __init__(self, model, tokenizer, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, repetition_penalty: float = DEFAULT_REPETITION_PENALTY, stop: list[str] = (),
                  parse_tools: bool = False, seed: int | None = None, lock: AbstractContextManager | None = None,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, written_out: bool = False):
         self.model, self.tokenizer, self.prompt = model, tokenizer, prompt_ids
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._stop = Event()  # set by cancel(), or when the reader leaves early
         self.eos_ids = [tokenizer.eos_token_id, tokenizer.pad_token_id]  # <|im_end|> ends a turn, <|endoftext|> a text
         self.generation = generation_config(temperature, top_p, max_new_tokens, repetition_penalty,
                                             eos_token_id=self.eos_ids, pad_token_id=tokenizer.pad_token_id)
+        self.written_out = written_out
         self.stop, self.parse_tools, self.seed = [s for s in stop if s], parse_tools, seed
         self.lock = lock or nullcontext()
         self.token_ids: list[int] = []
@@ -365,7 +371,11 @@ class ReplyStream:
         return pieces
 
     def _tokens(self) -> Iterator[int]:
-        """Run `model.generate` in a thread; yield its new token ids as they come."""
+        """Run `model.generate` in a thread (or, written_out, model/inference.py's loop here); yield its new token
+        ids as they come."""
+        if self.written_out:
+            yield from self._written_out_tokens()
+            return
         streamer = _TokenQueue()
         Thread(target=self._generate, args=(streamer,), daemon=True).start()
         try:
@@ -375,6 +385,28 @@ class ReplyStream:
                 yield token
         finally:
             self._stop.set()
+
+    def _written_out_tokens(self) -> Iterator[int]:
+        """model/inference.py's decoding loop with this reply's settings (those `generation_config` gives
+        `generate`: top_k off, top_p only when sampling), ending after the current token when _should_stop()."""
+        with self.lock:
+            if self._should_stop():
+                return
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            sampling = self.generation.do_sample
+            tokens = generate_tokens(
+                self.model, torch.tensor([self.prompt], device=self.model.device),
+                max_new_tokens=self.generation.max_new_tokens,
+                temperature=self.generation.temperature if sampling else 0.0,
+                top_p=self.generation.top_p if sampling else 1.0,
+                repetition_penalty=self.generation.repetition_penalty,
+                stop_token_ids=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
+            )
+            for token in tokens:
+                yield token.item()
+                if self._should_stop():
+                    return
 
     def _should_stop(self) -> bool:
         return self._stop.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)

@@ -10,6 +10,7 @@ from conftest import tiny_model, write_jsonl
 from eval import check_replies
 from eval.check_replies import (corpus_share, corpus_vocabulary, judge, max_ngram_count, mentions, reply_words,
                                 requested_subject)
+from eval.eval_ppl import evaluate_file
 from model.loading import load_checkpoint
 from trainer.checkpoint import save_weights
 
@@ -110,3 +111,17 @@ def test_command_line_reports_the_greedy_reply_of_a_checkpoint(tokenizer, tmp_pa
 def test_missing_corpus_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         check_replies.main(["--corpus", str(tmp_path / "missing.jsonl")])
+
+
+def test_pretrain_path_reports_eval_ppl_bits_per_byte_on_both_held_out_files(tokenizer, tmp_path, capsys):
+    save_weights(tiny_model(len(tokenizer), hidden_size=32).eval(), tokenizer, tmp_path / "ckpt")
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": STORY}])
+    summary = check_replies.main(["--model_path", str(tmp_path / "ckpt"), "--corpus", str(corpus),
+                                  "--max_new_tokens", "4", "--device", "cpu", "--pretrain_path", str(tmp_path / "ckpt")])
+    out = capsys.readouterr().out
+    model, tok = load_checkpoint(tmp_path / "ckpt", "cpu")
+    assert list(summary["held_out_bits_per_byte"]) == [path.name for path in check_replies.HELD_OUT]
+    for path in check_replies.HELD_OUT:
+        expected = evaluate_file(model, tok, path, 256, 128, progress=False)["bits_per_byte"]
+        assert summary["held_out_bits_per_byte"][path.name] == pytest.approx(expected, rel=1e-6)
+        assert f"on {path.name}: {expected:.3f} bits per byte" in out

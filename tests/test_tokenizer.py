@@ -142,6 +142,12 @@ def test_train_tokenizer_cli_trains_a_loadable_tokenizer(tmp_path):
         "<|im_start|>user\nhi<|im_end|>\n")
 
 
+def test_train_tokenizer_defaults_to_out_not_the_shipped_tokenizer(tmp_path):
+    result = run_train_tokenizer("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(default: out/tokenizer;" in " ".join(result.stdout.split())
+
+
 def test_train_tokenizer_cli_reports_a_bad_line(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "fine"}\n{"text": 3}\n')

@@ -77,7 +77,9 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
                        help="1: skip (and count) invalid data lines instead of stopping at the first one")
     paths.add_argument("--tokenizer_path", default=str(REPO_ROOT / "model" / "tokenizer"), help="tokenizer dir")
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--epochs", type=positive_int, default=1, help="passes over the training data")
+    optim.add_argument("--epochs", type=positive_int, default=1,
+                       help="passes over the training data (with --time_budget and no --epochs: as many as "
+                            "the budget allows)")
     optim.add_argument("--max_steps", type=positive_int, help="cap on optimizer steps; the schedule ends there")
     optim.add_argument("--time_budget", type=positive_float,
                        help="minutes of wall time (eval and saving included): the learning-rate schedule runs on "
@@ -146,7 +148,10 @@ def parse_args(stage: str, description: str, add_flags=None, defaults: dict | No
     args = parser.parse_args(argv)
     args.stage = stage
     check_paths(args)
-    log_ignored_shape_flags(args, given_flags(parser, argv))
+    given = given_flags(parser, argv)
+    log_ignored_shape_flags(args, given)
+    if args.time_budget and "epochs" not in given:
+        args.epochs = BUDGET_EPOCHS  # the budget ends the run, not the stage's default pass count
     return args
 
 
@@ -173,6 +178,8 @@ def check_paths(args) -> None:
             raise SystemExit(f"--{flag} {directory}: {existing} is not writable (permissions or a read-only file "
                              "system); pass a directory you can write to")
 
+
+BUDGET_EPOCHS = 10_000  # --epochs under --time_budget when not given: the budget, not the data, ends the run
 
 SHAPE_FLAG_DESTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
                     "num_experts", "num_experts_per_tok")

@@ -9,11 +9,14 @@ split into micro-batches and processes, so a long reply weighs by its tokens (tr
     L = -1/N * sum_{t: x_{t+1} is assistant} log p(x_{t+1} | x_1 .. x_t)
 
 Samples keep their own length; the loop batches samples of similar length together and pads each batch to its
-longest sample. Defaults: dataset/data/sft.jsonl, starting from out/pretrain_<hidden_size>, 2 epochs, peak
-learning rate 1e-3 (half of pretraining's: the model already knows the language; large models use far lower
-rates), 16 conversations per step.
+longest sample. Defaults: dataset/data/sft_stories.jsonl (story requests answered by real TinyStories stories,
+the MiniMind identity conversations, a few Tang poems; held out: sft_stories_test.jsonl), starting from
+out/pretrain_<hidden_size>, 2 epochs, peak learning rate 1e-3 (half of pretraining's: the model already knows
+the language; large models use far lower rates), 16 conversations per step. Alpaca's instructions
+(dataset/data/sft.jsonl) are beyond a model of a few million parameters; they are for larger models.
 
     python trainer/train_full_sft.py                         # after trainer/train_pretrain.py
+    python trainer/train_full_sft.py --data_path dataset/data/sft.jsonl --eval_data_path dataset/data/sft_test.jsonl
     torchrun --nproc_per_node 2 trainer/train_full_sft.py    # two processes (two GPUs, or CPU with gloo)
 
 Writes out/full_sft_<hidden_size>/ (chat with it: scripts/chat.py) and out/runs/full_sft_<hidden_size>/metrics.jsonl.
@@ -26,8 +29,8 @@ from trainer.trainer_utils import REPO_ROOT, causal_lm_loss, load_model, parse_a
 def main(argv: list[str] | None = None) -> dict:
     # 1. Flags: the shared ones with this stage's defaults
     args = parse_args("full_sft", __doc__, argv=argv, defaults={
-        "data_path": str(REPO_ROOT / "dataset" / "data" / "sft.jsonl"),
-        "eval_data_path": str(REPO_ROOT / "dataset" / "data" / "sft_test.jsonl"),
+        "data_path": str(REPO_ROOT / "dataset" / "data" / "sft_stories.jsonl"),
+        "eval_data_path": str(REPO_ROOT / "dataset" / "data" / "sft_stories_test.jsonl"),
         "from_weight": "pretrain",
         "learning_rate": 1e-3,
         "epochs": 2,

@@ -8,10 +8,14 @@ optimizer step (every micro-batch of --accumulation_steps, every process: traine
 
 With --doc_mask 1 a token attends only to earlier tokens of its own document inside a block (block-diagonal
 causal attention), instead of to the end of the previous, unrelated document.
-Defaults: dataset/data/pretrain.jsonl, 1 epoch, peak learning rate 2e-3, 16 blocks of 256 tokens per step
-(3 to 5 minutes on 2 CPU cores for the default 4.6M-parameter model).
+Defaults: dataset/data/pretrain_quick_stories_books_truecased.jsonl (1.5M tokens of English children's stories
+and books: TinyStories and Project Gutenberg, see dataset/data/ATTRIBUTION.md), held out
+dataset/data/pretrain_quick_test.jsonl, 1 epoch, peak learning rate 2e-3, 16 blocks of 256 tokens per step, the
+4.6M-parameter model. With --time_budget MINUTES and no --epochs, passes repeat until the budget is spent (the
+README's first command: --time_budget 9).
 
-    python trainer/train_pretrain.py                         # one process: GPU if there is one, else CPU
+    python trainer/train_pretrain.py --time_budget 9         # one process: GPU if there is one, else CPU
+    python trainer/train_pretrain.py --data_path dataset/data/pretrain.jsonl   # lower-cased stories + Tang poems
     torchrun --nproc_per_node 2 trainer/train_pretrain.py    # two processes (two GPUs, or CPU with gloo)
 
 Writes out/pretrain_<hidden_size>/ (the weights; next: trainer/train_full_sft.py), out/runs/pretrain_<hidden_size>/
@@ -30,8 +34,8 @@ def add_flags(parser) -> None:
 def main(argv: list[str] | None = None) -> dict:
     # 1. Flags: the shared ones with this stage's defaults, plus --doc_mask
     args = parse_args("pretrain", __doc__, add_flags, argv=argv, defaults={
-        "data_path": str(REPO_ROOT / "dataset" / "data" / "pretrain.jsonl"),
-        "eval_data_path": str(REPO_ROOT / "dataset" / "data" / "pretrain_test.jsonl"),
+        "data_path": str(REPO_ROOT / "dataset" / "data" / "pretrain_quick_stories_books_truecased.jsonl"),
+        "eval_data_path": str(REPO_ROOT / "dataset" / "data" / "pretrain_quick_test.jsonl"),
         "from_weight": "none",
         "learning_rate": 2e-3,
         "epochs": 1,

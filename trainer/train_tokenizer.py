@@ -1,4 +1,4 @@
-"""Train the byte-level BPE tokenizer shipped in model/tokenizer/.
+"""Train a byte-level BPE tokenizer like the one shipped in model/tokenizer/.
 
 Byte-level BPE (Radford et al. 2019, GPT-2 sec. 2.2; Sennrich et al. 2016): text is first split into
 words by the GPT-2 regex, every word is written as bytes (so any string, Chinese or emoji included, can be
@@ -17,8 +17,12 @@ added tokens, as in Qwen3, so reasoning and tool calls stay visible in decoded t
 (as in Qwen3): documents are delimited by the <|endoftext|> that follows each one and chat turns start with
 <|im_start|>, which the chat template writes itself, so an automatic bos would only duplicate them.
 
-    python trainer/train_tokenizer.py                                  # writes model/tokenizer/
+    python trainer/train_tokenizer.py                                  # writes out/tokenizer/
+    python trainer/train_pretrain.py --tokenizer_path out/tokenizer   # a model with it (every stage takes the flag)
     python trainer/train_tokenizer.py --data_path a.jsonl,b.jsonl --vocab_size 8000 --save_dir out/tok
+
+It writes out/tokenizer/ by default, never over the shipped model/tokenizer/ that every shipped checkpoint, test
+and default run relies on; --save_dir model/tokenizer replaces the shipped one on purpose.
 """
 
 import argparse
@@ -175,8 +179,9 @@ def main() -> None:
                              "dataset/data/sft.jsonl)")
     parser.add_argument("--vocab_size", type=int, default=6400,
                         help="number of tokens, the 9 control tokens included (default: 6400)")
-    parser.add_argument("--save_dir", type=Path, default=REPO_ROOT / "model" / "tokenizer",
-                        help="output Hugging Face tokenizer directory (default: model/tokenizer)")
+    parser.add_argument("--save_dir", type=Path, default=REPO_ROOT / "out" / "tokenizer",
+                        help="output Hugging Face tokenizer directory (default: out/tokenizer; the shipped one, "
+                             "model/tokenizer, is left alone unless named here)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     minimum = len(SPECIAL_TOKENS + CONTROL_TOKENS) + 256
@@ -192,6 +197,9 @@ def main() -> None:
     sample = "Once upon a time, 一只小猫 found a 🌟."
     ids = tokenizer.encode(sample)
     logging.info("vocab size %d, saved to %s", len(tokenizer), args.save_dir)
+    if Path(args.save_dir).resolve() != (REPO_ROOT / "model" / "tokenizer").resolve():
+        logging.info("use it with --tokenizer_path %s on every stage (a model trained with it needs it everywhere)",
+                     args.save_dir)
     logging.info("ids 0-8: %s", tokenizer.convert_ids_to_tokens(list(range(9))))
     logging.info("round trip: %r -> %d tokens %s -> %r", sample, len(ids), tokenizer.convert_ids_to_tokens(ids),
                  tokenizer.decode(ids))
