@@ -75,3 +75,11 @@ def test_a_resumed_budget_run_continues_the_same_budget(data, tmp_path, monkeypa
     after = [r for r in records(tmp_path / "out") if r["step"] > first["step"]]
     assert after[0]["elapsed_s"] > stopped_at["elapsed_s"]  # the clock went on from where it stopped
     assert after[-1]["elapsed_s"] >= 29.8 and after[-1]["lr"] < FLOOR_RATIO * MAX_LR + 0.01 * MAX_LR
+
+
+def test_a_budget_without_epochs_repeats_the_data_until_it_is_spent(data, tmp_path):
+    from trainer.flags import BUDGET_EPOCHS, parse_args
+    argv = ["--data_path", str(data["pretrain"]), "--save_dir", str(tmp_path)]
+    assert parse_args("pretrain", "", argv=argv + ["--time_budget", "1"]).epochs == BUDGET_EPOCHS
+    assert parse_args("pretrain", "", argv=argv + ["--time_budget", "1", "--epochs", "3"]).epochs == 3
+    assert parse_args("pretrain", "", argv=argv, defaults={"epochs": 2}).epochs == 2  # no budget: the stage's
