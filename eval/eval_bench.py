@@ -4,6 +4,7 @@
     python eval/eval_bench.py --model_path out/full_sft_256 --task arc_easy --num_fewshot 5
     python eval/eval_bench.py --model_path out/full_sft_256 --task ceval --chat_template 1
     python eval/eval_bench.py --model_path out/full_sft_256 --task gsm8k --num_fewshot 4 --limit 20
+    python eval/eval_bench.py --model_path out/full_sft_256 --task arc_easy --per_question arc_easy.jsonl
     python eval/eval_bench.py --model_path out/full_sft_256 --task mmlu --num_fewshot 5 --output mmlu.json \
         --data_path ../shared/data/eval/mmlu/mmlu_test.jsonl --fewshot_path ../shared/data/eval/mmlu/mmlu_dev.jsonl
 
@@ -24,6 +25,10 @@ GSM8K: greedy generation after k solved examples whose solutions end in "#### <a
 the next "Question:", its final answer is the number after "####" (else its last number), and it counts as
 correct when it equals the reference answer after normalization (no commas, no $, no trailing ".0").
 Chance is 0.
+
+For error analysis, --per_question PATH writes one JSON line per question beside the summary: the question, its
+choices and gold answer, the model's choice and the log-likelihood of every choice (GSM8K: the reply, the
+extracted and the gold answer), and whether it was right (per_question_rows).
 
 Data: the slices shipped in eval/data/ by default (see eval/data/ATTRIBUTION.md; C-Eval and CMMLU are
 non-commercial), any file of the same format with --data_path / --fewshot_path. Sources: Hendrycks et al. 2021
@@ -282,6 +287,38 @@ def summarize(results: list[dict], default_subject: str = "all") -> dict:
     return {**figures(results), "subjects": {subject: figures(rows) for subject, rows in by_subject.items()}}
 
 
+def per_question_rows(records: list[dict], results: list[dict]) -> list[dict]:
+    """One row per question for error analysis (--per_question): what was asked, what the model answered, the
+    gold answer and whether they agree. The rows' "correct" flags average to the summary's accuracy (and
+    "correct_norm" to its acc_norm).
+
+    Args:
+        records: the evaluated lines of the data file, in order; results: evaluate_multiple_choice's or
+            evaluate_gsm8k's dicts for them, in the same order.
+    Returns:
+        multiple choice: {"index" (0-based line among the evaluated ones), "id", "subject", "question", "choices",
+        "answer" (gold index), "prediction" (argmax of the log-likelihoods), "prediction_norm" (argmax of the
+        normalized ones), "log_likelihoods" (nats per choice: the sum over its tokens), "log_likelihoods_norm"
+        (nats per character of the choice, acc_norm's score), "correct", "correct_norm"};
+        GSM8K: {"index", "id", "subject", "question", "reply", "prediction" (the extracted final answer or None),
+        "answer" (the gold answer, normalized), "correct"}.
+    """
+    rows = []
+    for index, (record, result) in enumerate(zip(records, results)):
+        row = {"index": index, "id": result["id"], "subject": result["subject"], "question": record["question"]}
+        if "scores" in result:
+            row.update(choices=record["choices"], answer=record["answer"], prediction=result["prediction"],
+                       prediction_norm=result["prediction_norm"], log_likelihoods=result["scores"],
+                       log_likelihoods_norm=[score / len(choice)
+                                             for score, choice in zip(result["scores"], record["choices"])],
+                       correct=result["correct"], correct_norm=result["correct_norm"])
+        else:
+            row.update(reply=result["reply"], prediction=result["prediction"], answer=result["answer"],
+                       correct=result["correct"])
+        rows.append(row)
+    return rows
+
+
 def format_table(summary: dict) -> str:
     """The per-subject table and the overall line, as printed."""
     norm = "acc_norm" in summary
@@ -326,6 +363,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "0: raw text (default: 0)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--per_question", default=None, metavar="PATH",
+                        help="also write one JSON line per question to this file, for error analysis: the "
+                             "question, its choices or the reply, the gold answer, the model's answer, the "
+                             "log-likelihood of each choice, correct or not (per_question_rows)")
     args = parser.parse_args(argv)
     data_file, fewshot_file = TASKS[args.task]
     args.data_path = args.data_path or str(DATA_DIR / data_file)
@@ -364,6 +405,10 @@ def main(argv=None) -> dict:
     print(format_table(summary))
     if args.output:
         Path(args.output).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    if args.per_question:
+        Path(args.per_question).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.per_question).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                                   for row in per_question_rows(records, results)))
     return summary
 
 

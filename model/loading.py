@@ -45,9 +45,23 @@ def load_pretrained(directory: str | Path, flag: str = "--from_weight", config: 
     directory = Path(directory)
     if not any((directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         raise SystemExit(f"{flag}: {directory} holds no weights (model.safetensors); not a checkpoint")
+    if config is None and "MiniMindRewardModel" in (MiniMindConfig.from_pretrained(directory).architectures or []):
+        raise SystemExit(f"{flag}: {directory} holds a reward model (trainer/train_reward.py), which scores text "
+                         "but writes none; give a chat model here, and the reward model to --reward_model")
+    return load_strictly(MiniMindForCausalLM, directory, flag, config, dtype)
+
+
+def load_strictly(model_class: type, directory: Path, flag: str, config: MiniMindConfig | None = None,
+                  dtype: torch.dtype | None = torch.float32):
+    """model_class.from_pretrained(directory), refused unless every tensor of the model is in the safetensors with
+    its shape and nothing else is there (load_pretrained's rule; model/model_reward.py's loader uses it too).
+
+    Raises:
+        SystemExit: one sentence naming `flag`, the directory and the missing, unexpected or mismatched tensors.
+    """
     # ignore_mismatched_sizes only makes transformers report a wrong shape instead of raising: we raise below
-    model, info = MiniMindForCausalLM.from_pretrained(directory, config=config, dtype=dtype, output_loading_info=True,
-                                                      ignore_mismatched_sizes=True, use_safetensors=True)
+    model, info = model_class.from_pretrained(directory, config=config, dtype=dtype, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, use_safetensors=True)
     problems = "; ".join(f"{kind.removesuffix('_keys')}: {', '.join(sorted(map(tensor_name, keys)))}"
                          for kind, keys in info.items() if keys)
     if problems:

@@ -3,7 +3,8 @@
 The advantage and the loss are checked against DeepSeekMath's formulas (Shao et al. 2024, eq. 3 and 4, section
 4.1.2) written out token by token; the batched rollout against one prompt at a time; the rewards on hand examples;
 the stage end to end through the real script, where a tiny random model learns what a reward function defined in
-this module prefers. Every run writes under pytest's tmp_path.
+this module prefers, and where a second iteration on a group (--num_iterations 2) clips. The loss variants
+(--loss_type dr_grpo, dapo, cispo) are checked against their papers' formulas written out here. Every run writes under pytest's tmp_path.
 """
 
 import json
@@ -113,6 +114,71 @@ def test_one_update_per_group_is_the_policy_gradient():
     assert torch.allclose(grad, expected)
     assert loss.item() == pytest.approx(-advantages.mean().item())
     assert stats["clip_fraction"].item() == 0 and stats["kl"].item() == 0
+
+
+def test_dr_grpo_advantages_are_not_divided_by_the_std():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, -1.0, 2.0, 0.0])
+    ours = group_advantages(rewards, num_generations=4, scale=False)
+    assert ours.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 2.0, -2.0, 1.0, -1.0])  # r_i - mean of the group
+
+
+def variant_objective(loss_type, logps, old_logps, ref_logps, advantages, lengths, epsilon, epsilon_high, beta,
+                      budget):
+    """J of each --loss_type, token by token, from the papers' formulas (ratios and KL written on probabilities)."""
+    per_completion, tokens = [], 0
+    for i, length in enumerate(lengths):
+        terms = []
+        for t in range(length):
+            ratio = torch.exp(logps[i, t]) / torch.exp(old_logps[i, t])  # pi_theta / pi_old
+            if loss_type == "cispo":  # MiniMax-M1: sg(truncated ratio) * A * log pi_theta
+                weight = torch.clamp(ratio, max=1 + epsilon_high).detach()
+                surrogate = weight * advantages[i] * logps[i, t]
+            else:  # PPO's clip, with DAPO's decoupled upper end
+                clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+                surrogate = torch.minimum(ratio * advantages[i], clipped_ratio * advantages[i])
+            ref_over_policy = torch.exp(ref_logps[i, t]) / torch.exp(logps[i, t])
+            terms.append(surrogate - beta * (ref_over_policy - torch.log(ref_over_policy) - 1))
+        per_completion.append(sum(terms))
+        tokens += length
+    if loss_type == "grpo":  # 1/G sum_i 1/|o_i| sum_t
+        return sum(total / length for total, length in zip(per_completion, lengths)) / len(lengths)
+    if loss_type == "dr_grpo":  # 1/(G L_max) sum_i sum_t
+        return sum(per_completion) / (len(lengths) * budget)
+    return sum(per_completion) / tokens  # dapo, cispo: 1/(sum_i |o_i|) sum_i sum_t
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "cispo"])
+def test_each_loss_type_matches_its_formula(loss_type):
+    generator = torch.Generator().manual_seed(1)
+    shape, lengths, epsilon, epsilon_high, beta, budget = (4, 6), [6, 3, 1, 4], 0.2, 0.28, 0.04, 10
+    logps = (-3 * torch.rand(shape, generator=generator, dtype=torch.float64)).requires_grad_()
+    old_logps = logps.detach() + 0.4 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    ref_logps = logps.detach() + 0.3 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    advantages = torch.tensor([1.2, -0.7, 0.4, -1.5], dtype=torch.float64)
+    mask = (torch.arange(shape[1]) < torch.tensor(lengths)[:, None]).long()
+
+    loss, stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon, beta, loss_type, epsilon_high,
+                            budget)
+    expected = -variant_objective(loss_type, logps, old_logps, ref_logps, advantages, lengths, epsilon,
+                                  epsilon_high, beta, budget)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    ours_grad, = torch.autograd.grad(loss, logps)
+    formula_grad, = torch.autograd.grad(expected, logps)
+    assert torch.allclose(ours_grad, formula_grad, rtol=1e-9, atol=1e-12)
+    ratio, real = torch.exp(logps - old_logps).detach(), mask.bool()
+    a = advantages[:, None].expand(shape)
+    if loss_type == "cispo":  # the importance weight is truncated
+        clipped = ratio > 1 + epsilon_high
+    else:  # the clipped term is the smaller: above 1 + epsilon_high with A > 0, below 1 - epsilon with A < 0
+        clipped = ((ratio > 1 + epsilon_high) & (a > 0)) | ((ratio < 1 - epsilon) & (a < 0))
+    assert 0 < clipped[real].sum() < real.sum()
+    assert stats["clip_fraction"].item() == pytest.approx(clipped[real].double().mean().item())
+    assert stats["approx_kl"].item() == pytest.approx((ratio - 1 - torch.log(ratio))[real].mean().item())
+    without_kl, _ = grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon, 0.0, loss_type, epsilon_high,
+                              budget)
+    grad, = torch.autograd.grad(without_kl, logps)
+    # the clip takes the gradient of its tokens away; CISPO's truncated weight keeps every token's
+    assert ((grad[clipped & real] != 0) == (loss_type == "cispo")).all()
 
 
 def test_completion_mask_keeps_tokens_up_to_the_first_end_token():
@@ -341,6 +407,30 @@ def test_mean_reward_rises_with_a_reward_given_by_import_path(tmp_path, sft_chec
     assert (tmp_path / "out" / "grpo_64" / "model.safetensors").is_file()
 
 
+def test_second_iteration_on_a_group_moves_the_ratio_and_clips(tmp_path, sft_checkpoint, monkeypatch):
+    """--num_iterations 2 through the real code path: the first update of a group has rho = 1 exactly (the same
+    forward gives pi_old), the second, after a step on the same group, has rho != 1 and clips tokens."""
+    ratios, loss = [], train_grpo.grpo_loss
+
+    def recording(logps, old_logps, *rest):
+        ratios.append(torch.exp(logps - old_logps).detach())
+        return loss(logps, old_logps, *rest)
+
+    monkeypatch.setattr(train_grpo, "grpo_loss", recording)
+    train_grpo.main(grpo_argv(tmp_path, "--reward_funcs", "test_grpo:prefers_letter_e", "--num_iterations", "2",
+                              "--max_steps", "4", "--batch_size", "2", "--num_generations", "4", "--max_new_tokens",
+                              "8", "--learning_rate", "5e-2", "--epsilon", "0.05", "--warmup_steps", "1"))
+    records = [json.loads(line) for line in (tmp_path / "out" / "runs" / "grpo_64" / "metrics.jsonl").open()]
+    records = [record for record in records if "loss" in record]
+    assert len(ratios) == len(records) == 4  # 2 groups x 2 iterations
+    for first, second in (ratios[0], ratios[1]), (ratios[2], ratios[3]):
+        assert torch.equal(first, torch.ones_like(first))
+        assert (second - 1).abs().max() > 0.05
+    assert [r["clip_fraction"] > 0 for r in records] == [False, True, False, True]
+    assert [r["approx_kl"] > 0 for r in records] == [False, True, False, True]
+    assert records[0]["reward"] == records[1]["reward"] != records[2]["reward"] == records[3]["reward"]
+
+
 def test_moe_policy_adds_the_router_loss(tokenizer, tmp_path):
     model = tiny_model(len(tokenizer), use_moe=True)
     save_weights(model, tokenizer, tmp_path / "out" / "full_sft_64_moe")
@@ -358,10 +448,20 @@ def test_moe_policy_adds_the_router_loss(tokenizer, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--from_weight", "none"], "--from_weight none: GRPO starts from a trained chat model"),
     (["--num_generations", "1"], "--num_generations must be >= 2"),
-    (["--beta", "-0.1"], "--beta must be >= 0"),
     (["--reward_funcs", "think_format", "length_penalty", "--reward_weights", "1"], "2 --reward_funcs"),
     (["--reward_funcs", "nope"], "--reward_funcs nope: unknown reward"),
 ])
 def test_user_mistakes_stop_the_run_with_a_message(tmp_path, sft_checkpoint, flags, message):
     with pytest.raises(SystemExit, match=message):
         train_grpo.main(grpo_argv(tmp_path, *flags))
+
+
+def test_a_negative_beta_is_refused_by_its_flag(tmp_path, sft_checkpoint, capsys):
+    with pytest.raises(SystemExit):
+        train_grpo.main(grpo_argv(tmp_path, "--beta", "-0.1"))
+    assert "argument --beta: must be a finite number >= 0, got -0.1" in capsys.readouterr().err
+
+
+def test_no_reward_at_all_is_refused(tmp_path, sft_checkpoint):
+    with pytest.raises(SystemExit, match="no --reward_model: give at least one"):
+        train_grpo.main(grpo_argv(tmp_path, "--reward_funcs"))

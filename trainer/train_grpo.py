@@ -17,33 +17,54 @@ keeps the policy near the reference; the k3 estimator of eq. 4 is unbiased and n
 population standard deviation of the group, eps = 1e-4; a group whose completions all get the same reward has
 advantage 0 and teaches nothing (reward_std shows how many do not).
 
+Each group serves --num_iterations (mu) optimizer steps (the inner loop of the paper's Algorithm 1): the first
+update samples it and keeps the sampling policy's log-probabilities (pi_old); the next ones reuse the group
+(trainer/rollouts.py RolloutBuffer), so rho leaves 1 and the clip acts. --loss_type picks the objective:
+
+    grpo     DeepSeekMath eq. 3 above: each completion's token mean, then the mean over the completions
+    dr_grpo  Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): no 1/|o_i| and no std: A_i =
+             r_i - mean(r), and the token sum divided by a constant, G * --max_new_tokens, so long wrong answers
+             are not penalized less per token than short ones
+    dapo     DAPO (Yu et al. 2025): token-level mean, 1/sum_i |o_i| sum_i sum_t, so every token weighs alike; with
+             --epsilon_high its decoupled clip, clip(rho, 1 - epsilon, 1 + epsilon_high) (the paper: 0.2, 0.28)
+    cispo    CISPO (MiniMax-M1, MiniMax 2025): the clip moves from the objective to the importance weight, which
+             is truncated and carries no gradient: sg(min(rho, 1 + epsilon_high)) * A_i * log pi_theta, token-level
+             mean as DAPO's; no token loses its gradient
+
+(all with the same -beta * KL_it, aggregated as the rest; DAPO and CISPO drop the KL term: --beta 0).
+
 Where this script departs from the paper (as nanochat's chat_rl.py lists its own departures):
 
-1. One update per rollout, so no clipping. Each group gets one gradient step and is then dropped (as in the
-   paper's own experiments, "the policy model only has a single update following each exploration stage",
-   section 4.2, though eq. 3 is written for mu > 1 updates). So pi_old = pi_theta at that step, rho = 1, no token
-   is clipped and --epsilon has no effect (the logged clip_fraction is 0): the gradient is that of
-   A_i * log pi_theta, REINFORCE with group-normalized rewards, plus the KL term. grpo_loss keeps the clip for
-   when several updates reuse a group.
+1. With --num_iterations 1 (the default, as the paper's own experiments: "the policy model only has a single
+   update following each exploration stage", section 4.2) each group gets one gradient step and is dropped, so
+   pi_old = pi_theta at that step, rho = 1, no token is clipped and --epsilon has no effect (clip_fraction is 0):
+   the gradient is that of A_i * log pi_theta, REINFORCE with group-normalized rewards, plus the KL term. With
+   --num_iterations mu > 1 the ratio leaves 1 from the second update on and the clip acts (clip_fraction > 0;
+   approx_kl, the k3 estimate of KL(pi_old || pi_theta), shows how far the policy moved from the sampling one).
 2. One iteration of the paper's iterative GRPO (Algorithm 1): the reference pi_ref is the --from_weight checkpoint
    for the whole run, never reset to the current policy.
 3. Rule-based rewards (trainer/rewards.py: exact match of the final number, DeepSeek-R1's format reward, DAPO's
-   overlong penalty) instead of a learned reward model, so there is no reward model to keep training; outcome
+   overlong penalty) by default; a learned reward model (--reward_model) is frozen, never trained further; outcome
    supervision only (section 4.1.2), no process supervision (4.1.3).
 4. Log-probabilities are taken at the sampling temperature (the logits divided by it, as trl's GRPOTrainer does).
+5. DAPO's dynamic sampling (resampling until no group has equal rewards) is not done; such groups stay, with
+   advantage 0. The token-level means of dapo and cispo run over each micro-batch's tokens, and the loop weighs
+   micro-batches by their rows: with --accumulation_steps 1 on one process, exactly the paper's mean.
 
-Rollouts happen inside the loss: each batch is a batch of prompts (dataset/rl_dataset.py); the loss samples G
-completions per prompt with the model's KV-cached `generate`, scores them (trainer/rewards.py), then runs one
-forward pass of the policy (with gradients) and one of the reference over prompt + completion. Logged: reward (the
-weighted sum) and reward_<function> for each reward function, reward_std, kl, completion_length (tokens, end of turn
-included), clip_fraction; the eval (--eval_data_path) reports the same on held-out prompts. Here --batch_size counts
-prompts and --max_seq_len caps a prompt's tokens (longer prompts are dropped).
+Rollouts happen inside the loss: each batch is a batch of prompts (dataset/rl_dataset.py); on a group's first
+update the loss samples G completions per prompt with the model's KV-cached `generate`, scores them
+(trainer/rewards.py) and runs the reference over prompt + completion; every update runs one forward pass of the
+policy (with gradients). Logged: reward (the weighted sum) and reward_<function> for each reward function,
+reward_std, kl, approx_kl, completion_length (tokens, end of turn included), clip_fraction; the eval
+(--eval_data_path) reports the same on held-out prompts. Here --batch_size counts prompts and --max_seq_len caps a
+prompt's tokens (longer prompts are dropped).
 
 Defaults: the prompts of dataset/data/grpo/gsm8k_train.jsonl (400 GSM8K training questions; reward: exact match of
 the final number, the <think> format and DAPO's overlong penalty; held-out: the 100 prompts of gsm8k_test.jsonl,
 sampled as in training, 10 of them every 25 steps), starting from out/full_sft_<hidden_size>, 8 completions of at
-most 128 tokens per prompt, 2 prompts per step, beta 0.04 (the paper's), epsilon 0.2 (inactive: see 1.), learning rate
-1e-4 (DPO's here; the paper's 1e-6 is for a 7B model), no weight decay (the KL term is the regularizer, as in DPO).
+most 128 tokens per prompt, 2 prompts per step, one update per group, loss_type grpo, beta 0.04 (the paper's),
+epsilon 0.2 (active from the second update of a group), learning rate 1e-4 (DPO's here; the paper's 1e-6 is for a
+7B model), no weight decay (the KL term is the regularizer, as in DPO).
 
 A model that has never written <think> gets no format reward, so there is nothing to learn from (log p(<think>) is
 about -14.5 for the quick-path SFT model). DeepSeek-R1's "cold start" first shows the format with a little SFT on
@@ -52,6 +73,7 @@ replies that reason (dataset/data/grpo/gsm8k_reasoning_sft.jsonl):
     python trainer/train_full_sft.py --from_weight full_sft --save_weight reason_sft --epochs 4 --warmup_steps 5 \
         --data_path dataset/data/grpo/gsm8k_reasoning_sft.jsonl --eval_data_path ""
     python trainer/train_grpo.py --from_weight reason_sft --max_steps 150
+    python trainer/train_grpo.py --num_iterations 2 --loss_type dapo --epsilon_high 0.28 --beta 0
     python trainer/train_grpo.py --reward_funcs think_format my_rewards:brevity --reward_weights 1 0.5
     torchrun --nproc_per_node 2 trainer/train_grpo.py                 # two processes (two GPUs, or CPU with gloo)
 
@@ -64,162 +86,145 @@ import torch
 from transformers import GenerationConfig
 
 from dataset.rl_dataset import PromptDataset
-from model.model_minimind import token_logprobs
-from trainer.rewards import check_reward_fields, load_reward_function
-from trainer.trainer_utils import (REPO_ROOT, count_rows, fraction, load_model, load_reference, parse_args,
+from trainer.rollouts import (RolloutBuffer, add_reward_flags, add_sampling_flags, check_rewards, clipped_surrogate,
+                              completion_logprobs, generation_config, kl_k3, load_rewards, masked_mean,
+                              sample_completions, score_rollout)
+from trainer.rollouts import completion_mask, score_completions  # noqa: F401 (re-exported: train_agent.py imports)
+from trainer.trainer_utils import (REPO_ROOT, count_rows, load_model, load_reference, non_negative_float, parse_args,
                                    positive_float, positive_int, require_trained_start, run_main, setup_run, train,
                                    unwrap, with_router_loss)
 
 ADVANTAGE_EPS = 1e-4  # keeps A finite for a group whose rewards are all equal (then A = 0)
 GRPO_DATA = REPO_ROOT / "dataset" / "data" / "grpo"
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "cispo")
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
-    """Outcome-supervision advantages (DeepSeekMath section 4.1.2): each reward normalized within its group.
+def group_advantages(rewards: torch.Tensor, num_generations: int, eps: float = ADVANTAGE_EPS,
+                     scale: bool = True) -> torch.Tensor:
+    """Outcome-supervision advantages (DeepSeekMath section 4.1.2): each reward measured against its group.
 
     Args:
         rewards: (groups * num_generations,) rewards, the G completions of a prompt next to each other.
+        scale: divide by the group's std (GRPO); False: Dr. GRPO's r_i - mean, without it (Liu et al. 2025).
     Returns:
-        (groups * num_generations,) (r_i - mean of the group) / (population std of the group + eps).
+        (groups * num_generations,) (r_i - mean of the group) / (population std of the group + eps), or
+        r_i - mean of the group when not `scale`.
     """
     grouped = rewards.view(-1, num_generations)  # (groups, G)
-    mean, std = grouped.mean(dim=1, keepdim=True), grouped.std(dim=1, unbiased=False, keepdim=True)
-    return ((grouped - mean) / (std + eps)).flatten()
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if not scale:
+        return centered.flatten()
+    return (centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)).flatten()
 
 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, epsilon: float, beta: float) -> tuple[torch.Tensor, dict]:
-    """-J of DeepSeekMath eq. 3 (clipped ratio objective, k3 KL of eq. 4 to the reference), per-completion token
-    means averaged over the completions.
+              mask: torch.Tensor, epsilon: float, beta: float, loss_type: str = "grpo",
+              epsilon_high: float | None = None, max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+    """-J of the GRPO objective `loss_type` (the module docstring), with the k3 KL of DeepSeekMath eq. 4 to the
+    reference weighted by beta.
+
+    Per token, with rho = exp(logps - old_logps), A_i the completion's advantage, KL = kl_k3(ref_logps - logps):
+
+        grpo, dr_grpo, dapo:  l_it = -[ min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) * A_i) - beta * KL ]
+        cispo:                l_it = -[ sg(min(rho, 1 + epsilon_high)) * A_i * logps - beta * KL ]   (sg: no grad)
+
+    over the N completions of |o_i| tokens each:
+
+        grpo:     1/N sum_i 1/|o_i| sum_t l_it          (DeepSeekMath eq. 3)
+        dr_grpo:  1/(N * L) sum_i sum_t l_it            (Dr. GRPO; L = max_completion_length)
+        dapo:     1/(sum_i |o_i|) sum_i sum_t l_it      (DAPO's token-level policy-gradient loss)
+        cispo:    1/(sum_i |o_i|) sum_i sum_t l_it      (MiniMax-M1's CISPO)
 
     Args:
         logps, old_logps, ref_logps: (N, T) log-probabilities of each completion token under the policy being
             trained (with gradients), the policy that sampled it, and the reference.
         advantages: (N,) one advantage per completion (group_advantages).
         mask: (N, T) 1 on the completion's tokens (its end-of-turn included), 0 on the padding after it.
-        epsilon: clip range of the ratio; beta: weight of the KL penalty.
+        epsilon: lower clip range of the ratio, and the upper one unless epsilon_high is given; beta: weight of the
+            KL penalty; loss_type: one of LOSS_TYPES; max_completion_length: Dr. GRPO's constant L, the generation
+            budget (default: T).
     Returns:
-        (scalar loss, {"kl": mean per-token KL, "clip_fraction": fraction of tokens whose clipped term was the
-        smaller one, i.e. that get no gradient}), both means over the completion tokens.
+        (scalar loss, {"kl": mean per-token KL to the reference, "approx_kl": mean k3 estimate of
+        KL(pi_old || pi_theta), "clip_fraction": fraction of tokens whose clipped term was the smaller (no
+        gradient; for cispo: whose importance weight was truncated)}), each a mean over the completion tokens.
+    Raises:
+        ValueError: an unknown loss_type.
     """
-    ratio = torch.exp(logps - old_logps)
-    unclipped = ratio * advantages[:, None]
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages[:, None]
-    log_ratio_ref = ref_logps - logps
-    kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # (N, T), k3 estimator of KL(pi_theta || pi_ref)
-    per_token = -(torch.min(unclipped, clipped) - beta * kl)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    advantages = advantages[:, None]  # (N, 1): the same A_i on every token of completion i
+    kl = kl_k3(ref_logps - logps)  # (N, T), k3 estimator of KL(pi_theta || pi_ref)
+    if loss_type == "cispo":
+        ratio = torch.exp(logps - old_logps)
+        weight = torch.clamp(ratio, max=1 + epsilon_high).detach()  # truncated importance weight, no gradient
+        objective, clipped = weight * advantages * logps, ratio > 1 + epsilon_high
+    else:
+        objective, ratio, clipped = clipped_surrogate(logps, old_logps, advantages, epsilon, epsilon_high)
+    per_token = -(objective - beta * kl)
     mask = mask.to(per_token.dtype)
-    loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()  # 1/|o_i| sum_t, then 1/G sum_i
-    tokens = mask.sum().clamp(min=1)
-    stats = {"kl": (kl.detach() * mask).sum() / tokens,
-             "clip_fraction": ((clipped < unclipped).to(mask.dtype) * mask).sum() / tokens}
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()  # 1/|o_i| sum_t, 1/G sum_i
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (len(mask) * (max_completion_length or mask.shape[1]))
+    else:  # dapo, cispo: every token of the batch weighs alike
+        loss = masked_mean(per_token, mask)
+    stats = {"kl": masked_mean(kl.detach(), mask), "approx_kl": masked_mean(kl_k3(logps - old_logps).detach(), mask),
+             "clip_fraction": masked_mean(clipped.to(mask.dtype), mask)}
     return loss, stats
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
-    """(N, T) LongTensor: 1 up to and including each row's first end token, 0 after it (generate's padding); all 1
-    for a row that ran out of budget without one."""
-    is_end = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
-    ended_before = is_end.cumsum(dim=1) - is_end.long()  # end tokens strictly before each position
-    return (ended_before == 0).long()
+def grpo_rollout(model, reference, tokenizer, batch: dict, rewards: list[tuple], generation: GenerationConfig,
+                 args) -> dict:
+    """Sample a group per prompt, score it, and compute what every update of the group needs (no gradient).
 
-
-def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int,
-                        temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities of the last `num_completion_tokens` tokens of each row, each given the tokens before it.
-
-    The logits are divided by the sampling temperature, so these are the probabilities the tokens were sampled
-    with (as in trl's GRPOTrainer). Only the completion's logits are computed (logits_to_keep).
-    Args:
-        sequences: (N, P + T) left-padded prompts followed by their completions; attention_mask: (N, P + T).
     Returns:
-        ((N, T) float32 log-probabilities, the MoE load-balancing loss or None).
+        {"sequences", "attention_mask": (B*G, P + T), "num_tokens": T, "mask": (B*G, T) completion tokens,
+         "ref_logps": (B*G, T), "advantages": (B*G,), "metrics": reward figures of the group}
     """
-    out = model(input_ids=sequences, attention_mask=attention_mask, logits_to_keep=num_completion_tokens + 1)
-    # (N, T + 1): the token before the completion, then the completion; position t scores token t + 1
-    labels = sequences[:, -(num_completion_tokens + 1):]
-    token_logps = token_logprobs(out.logits.float() / temperature, labels)  # (N, T + 1), the last position 0
-    return token_logps[:, :-1], out.aux_loss
-
-
-@torch.no_grad()
-def sample_completions(model, batch: dict, generation: GenerationConfig, num_generations: int):
-    """G sampled completions per prompt, with the model in eval mode and the KV cache.
-
-    Args:
-        model: MiniMindForCausalLM (unwrapped); batch: left-padded prompts {"input_ids", "attention_mask"} (B, P).
-    Returns:
-        (sequences (B*G, P + T): each prompt G times, rows of one prompt next to each other, then its completions;
-         attention_mask (B*G, P + T): the prompt's mask, then completion_mask; T: completion tokens).
-    """
-    was_training = model.training
-    model.eval()
-    prompt_ids = batch["input_ids"].repeat_interleave(num_generations, dim=0)  # (B*G, P)
-    prompt_mask = batch["attention_mask"].repeat_interleave(num_generations, dim=0)
-    sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation)
-    model.train(was_training)
-    completion_ids = sequences[:, prompt_ids.shape[1]:]  # (B*G, T)
-    mask = completion_mask(completion_ids, generation.eos_token_id)
-    return sequences, torch.cat([prompt_mask, mask], dim=1), completion_ids.shape[1]
-
-
-def score_completions(rewards: list[tuple], prompts: list[str], completions: list[str], fields: dict[str, list],
-                      device) -> tuple[torch.Tensor, dict]:
-    """Weighted sum of the reward functions' scores.
-
-    Args:
-        rewards: (name, function, weight) triples; prompts, completions, fields: see trainer/rewards.py.
-    Returns:
-        ((N,) float32 rewards, {"reward_<name>": mean score of that function}).
-    """
-    total, means = torch.zeros(len(completions), device=device), {}
-    for name, function, weight in rewards:
-        scores = torch.tensor(function(prompts, completions, **fields), dtype=torch.float32, device=device)
-        if scores.shape != total.shape:
-            raise SystemExit(f"--reward_funcs {name}: returned {scores.numel()} rewards for {len(completions)} "
-                             "completions; a reward function returns one float per completion")
-        total += weight * scores
-        means[f"reward_{name}"] = scores.mean()
-    return total, means
+    group = args.num_generations
+    sequences, attention_mask, num_tokens = sample_completions(unwrap(model), batch, generation, group)
+    completion_ids, mask = sequences[:, -num_tokens:], attention_mask[:, -num_tokens:]
+    scores, reward_means = score_rollout(tokenizer, batch, completion_ids, mask, rewards, generation.max_new_tokens,
+                                         group)
+    with torch.no_grad():
+        ref_logps, _ = completion_logprobs(reference, sequences, attention_mask, num_tokens, generation.temperature)
+    metrics = {"reward": scores.mean(), **reward_means,
+               "reward_std": scores.view(-1, group).std(dim=1, unbiased=False).mean(),
+               "completion_length": mask.sum(dim=1).float().mean()}
+    return {"sequences": sequences, "attention_mask": attention_mask, "num_tokens": num_tokens, "mask": mask,
+            "ref_logps": ref_logps, "metrics": metrics,
+            "advantages": group_advantages(scores, group, scale=args.loss_type != "dr_grpo")}
 
 
 def grpo_batch_loss(model, reference, tokenizer, batch: dict, rewards: list[tuple], generation: GenerationConfig,
-                    args) -> tuple[torch.Tensor, dict]:
-    """Sample a group per prompt, score it, and return the GRPO loss of the batch (+ MoE balance loss) and the figures.
+                    args, buffer: RolloutBuffer | None = None) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss of a batch of prompts (+ MoE balance loss) and the figures, on its group's current update.
 
     Args:
         model: the policy, possibly DDP-wrapped; reference: the frozen reference model, same device.
         batch: PromptDataset.collate output, its tensors on the device: input_ids, attention_mask (B, P), and
             fields, one dict of the record's extra fields per prompt (a Python list).
         rewards: (name, function, weight) triples; generation: the sampling settings (max_new_tokens, temperature,
-            end tokens ...); args: the flags num_generations, beta, epsilon.
+            end tokens ...); args: the flags num_generations, beta, epsilon, epsilon_high, loss_type.
+        buffer: keeps the groups for --num_iterations updates (trainer/rollouts.py); None, and in evaluation (no
+            gradient): a fresh group, used once.
     Returns:
-        (scalar loss, {"reward", "reward_<name>", "reward_std", "kl", "clip_fraction", "completion_length"}; for MoE
-        also "grpo_loss" and "aux_loss").
+        (scalar loss, {"reward", "reward_<name>", "reward_std", "kl", "approx_kl", "clip_fraction",
+        "completion_length"}; for MoE also "grpo_loss" and "aux_loss").
     """
-    group = args.num_generations
-    sequences, attention_mask, num_tokens = sample_completions(unwrap(model), batch, generation, group)
-    completion_ids, mask = sequences[:, -num_tokens:], attention_mask[:, -num_tokens:]
+    def make() -> dict:
+        return grpo_rollout(model, reference, tokenizer, batch, rewards, generation, args)
 
-    prompts = [tokenizer.decode(ids[keep.bool()]) for ids, keep in zip(batch["input_ids"], batch["attention_mask"])]
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # drops end token and padding
-    records = batch["fields"]
-    shared = set.intersection(*(set(record) for record in records))  # PromptDataset.field_names is a subset
-    fields = {key: [record[key] for record in records for _ in range(group)] for key in shared}
-    fields.update(completion_tokens=mask.sum(dim=1).tolist(), max_new_tokens=[generation.max_new_tokens] * len(mask))
-    scores, reward_means = score_completions(rewards, [p for p in prompts for _ in range(group)], completions, fields,
-                                             sequences.device)
-    advantages = group_advantages(scores, group)
-
-    logps, aux_loss = completion_logprobs(model, sequences, attention_mask, num_tokens, generation.temperature)
-    with torch.no_grad():
-        ref_logps, _ = completion_logprobs(reference, sequences, attention_mask, num_tokens, generation.temperature)
-    # one update per group: the policy that sampled it is the current one (see the module docstring)
-    loss, stats = grpo_loss(logps, logps.detach(), ref_logps, advantages, mask, args.epsilon, args.beta)
-    metrics = {"reward": scores.mean(), **reward_means,
-               "reward_std": scores.view(-1, group).std(dim=1, unbiased=False).mean(), **stats,
-               "completion_length": mask.sum(dim=1).float().mean()}
-    return with_router_loss(model, loss, aux_loss, metrics, "grpo_loss")
+    rollout = buffer.rollout(make) if buffer is not None and torch.is_grad_enabled() else make()
+    logps, aux_loss = completion_logprobs(model, rollout["sequences"], rollout["attention_mask"],
+                                          rollout["num_tokens"], generation.temperature)
+    if "old_logps" not in rollout:  # the group's first update: the policy being trained is the one that sampled
+        rollout["old_logps"] = logps.detach()  # same forward, same precision: rho is exactly 1 now
+    loss, stats = grpo_loss(logps, rollout["old_logps"], rollout["ref_logps"], rollout["advantages"],
+                            rollout["mask"], args.epsilon, args.beta, args.loss_type, args.epsilon_high,
+                            generation.max_new_tokens)
+    return with_router_loss(model, loss, aux_loss, {**rollout["metrics"], **stats}, "grpo_loss")
 
 
 def add_grpo_flags(parser: argparse.ArgumentParser) -> None:
@@ -227,19 +232,25 @@ def add_grpo_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num_generations", type=positive_int, default=8,
                        help="completions sampled per prompt (the group size G, >= 2); the step's batch is "
                             "--batch_size x G completions")
-    group.add_argument("--max_new_tokens", type=positive_int, default=128, help="most tokens of a completion")
-    group.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
-    group.add_argument("--top_p", type=fraction, default=1.0, help="nucleus sampling: smallest set of tokens with "
-                                                                   "this probability mass (1: the full distribution)")
-    group.add_argument("--beta", type=float, default=0.04, help="weight of the KL penalty to the reference (the "
-                                                                "--from_weight model); 0: no penalty")
+    add_sampling_flags(group)
+    group.add_argument("--beta", type=non_negative_float, default=0.04,
+                       help="weight of the KL penalty to the reference (the --from_weight model); 0: no penalty")
     group.add_argument("--epsilon", type=positive_float, default=0.2,
-                       help="clip range of the probability ratio (eq. 3); no effect yet: with one update per "
-                            "rollout the ratio is 1 and nothing is clipped (see the module docstring)")
-    group.add_argument("--reward_funcs", nargs="+", default=["gsm8k_accuracy", "think_format", "length_penalty"],
-                       help="reward functions: names in trainer/rewards.py or import paths package.module:function")
-    group.add_argument("--reward_weights", nargs="+", type=float,
-                       help="one weight per reward function (default: 1 each)")
+                       help="clip range of the probability ratio (eq. 3); acts from the second update of a group "
+                            "on (--num_iterations > 1): with one update the ratio is 1 and nothing is clipped")
+    group.add_argument("--epsilon_high", type=positive_float,
+                       help="upper clip range, clip(rho, 1 - epsilon, 1 + epsilon_high) (DAPO's clip-higher, 0.28 "
+                            "in the paper); for cispo the truncation of the importance weight at 1 + epsilon_high "
+                            "(default: --epsilon)")
+    group.add_argument("--num_iterations", type=positive_int, default=1,
+                       help="optimizer steps per group of completions (mu in DeepSeekMath's Algorithm 1): the first "
+                            "samples the group, the others reuse it (the ratio leaves 1 and the clip acts); each "
+                            "counts as a step of --max_steps")
+    group.add_argument("--loss_type", choices=LOSS_TYPES, default="grpo",
+                       help="grpo: DeepSeekMath eq. 3 (per-completion token mean); dr_grpo: Dr. GRPO (no length or "
+                            "std normalization); dapo: DAPO's token-level mean; cispo: MiniMax-M1's clipped "
+                            "importance-sampling weights (formulas in the module docstring)")
+    add_reward_flags(group)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -260,40 +271,30 @@ def main(argv: list[str] | None = None) -> dict:
     require_trained_start(args, "GRPO")
     if args.num_generations < 2:
         raise SystemExit("--num_generations must be >= 2: advantages compare the completions of a group")
-    if args.beta < 0 or args.top_p == 0:
-        raise SystemExit("--beta must be >= 0 and --top_p > 0")
-    weights = args.reward_weights or [1.0] * len(args.reward_funcs)
-    if len(weights) != len(args.reward_funcs):
-        raise SystemExit(f"--reward_weights: {len(weights)} weights for {len(args.reward_funcs)} --reward_funcs; "
-                         "give one weight per reward function")
-    # logged as reward_<name>: a shipped reward's name, or the function name of an import path
-    rewards = [(name.rpartition(":")[2], load_reward_function(name), weight)
-               for name, weight in zip(args.reward_funcs, weights)]
+    rewards = load_rewards(args)  # (name, function, weight): --reward_funcs, then --reward_model if given
     model, tokenizer = load_model(args)
 
     # 2. The reference: the --from_weight checkpoint again, frozen (it stays the start even under --from_resume 1)
     reference = load_reference(args)
-    end_ids = [tokenizer.eos_token_id, tokenizer.pad_token_id]  # <|im_end|> ends a turn, <|endoftext|> a text
-    generation = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                  max_new_tokens=args.max_new_tokens, eos_token_id=end_ids,
-                                  pad_token_id=tokenizer.pad_token_id)
+    generation = generation_config(args, tokenizer)  # sampling; a completion ends at <|im_end|> or <|endoftext|>
 
     # 3. Dataset: prompts through the chat template, left-padded, with the fields the rewards read
     train_dataset = PromptDataset(args.data_path, tokenizer, args.max_seq_len, args.skip_bad_lines)
     eval_dataset = (PromptDataset(args.eval_data_path, tokenizer, args.max_seq_len, args.skip_bad_lines)
                     if args.eval_data_path else None)
-    sample_fields = {"completion_tokens", "max_new_tokens"}
-    for dataset in filter(None, (train_dataset, eval_dataset)):
-        for name, (_, function, _) in zip(args.reward_funcs, rewards):
-            check_reward_fields(name, function, dataset.field_names | sample_fields)
+    check_rewards(rewards, [train_dataset, eval_dataset])
 
-    # 4. Loss: rollouts, rewards, group advantages and eq. 3 (grpo_batch_loss), in the shared loop: accumulation,
-    #    clipping, schedule, logging, eval, checkpoints, resume. The loss is no cross-entropy: no perplexity.
+    # 4. Loss: rollouts, rewards, group advantages and the --loss_type objective (grpo_batch_loss), in the shared
+    #    loop: accumulation, clipping, schedule, logging, eval, checkpoints, resume. No cross-entropy: no perplexity.
+    #    Each group serves --num_iterations steps: the buffer keeps it, and the loop reuses its prompts meanwhile.
+    buffer = RolloutBuffer(epochs=args.num_iterations)
+
     def loss_fn(model, batch):
-        return grpo_batch_loss(model, reference, tokenizer, batch, rewards, generation, args)
+        return grpo_batch_loss(model, reference, tokenizer, batch, rewards, generation, args, buffer)
 
     return train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=eval_dataset, eval_perplexity=False,
-                 count_items=count_rows)  # the loss averages over sequences, so a step weighs its micro-batches by rows
+                 count_items=count_rows,  # the loss averages over sequences, so a step weighs its micro-batches by rows
+                 reuse=buffer)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ from trainer.checkpoint import (PARTIAL_FILE, checkpoint_name, refuse_other_shap
 from trainer.distributed import (batch_to_device, deepspeed_engine, full_tensor, gradient_sync, is_deepspeed, log,
                                  parallelize, rank_and_world_size)
 from trainer.distributed import setup_run  # noqa: F401 (the stage scripts import it with parse_args from here)
-from trainer.flags import (REPO_ROOT, fraction, int_in_range, non_negative_float,  # noqa: F401 (the stage scripts)
-                           non_negative_int, parse_args, positive_float, positive_int)
+from trainer.flags import (BUDGET_EPOCHS, REPO_ROOT, fraction, int_in_range,  # noqa: F401 (the stage scripts)
+                           non_negative_float, non_negative_int, parse_args, positive_float, positive_int)
 from trainer.monitor import MetricsLog, evaluate, stop_on_signal
 from trainer.resume_checks import run_lock, run_settings
 
@@ -298,13 +298,18 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) over the trainable parameters; weight decay on matrices only.
 
     Norm weights and biases (1-D) are not decayed, as in GPT-2/nanoGPT: shrinking them toward 0 has no
-    regularizing meaning. Betas (0.9, 0.95) as in GPT-3 and LLaMA.
+    regularizing meaning. Betas (0.9, 0.95) as in GPT-3 and LLaMA. A model may train some submodules at another
+    rate: `model.lr_ratios`, {submodule name: its rate / the schedule's} (PPO's value model); each parameter
+    group keeps its `lr_ratio` (1 for the rest), which the loop multiplies the scheduled rate by.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    ratios = getattr(model, "lr_ratios", {})
+    by_ratio: dict[float, list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:  # grouped by the rate of the submodule the name starts with
+            by_ratio.setdefault(ratios.get(name.partition(".")[0], 1.0), []).append(param)
+    groups = [group for ratio, params in by_ratio.items() for group in (
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay, "lr_ratio": ratio},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_ratio": ratio})]
     # fused: one kernel for all parameters instead of a loop over them; on CPU too (at the 26.9M reference shape
     # 8.6 vs 38 ms a step, bench: README Performance); MPS and others keep the default loop
     fused = torch.device(args.device).type in ("cuda", "cpu")
@@ -559,10 +564,12 @@ def deepspeed_update(engine, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return torch.tensor(engine.get_global_grad_norm() or 0.0), True
 
 
-def plan_steps(args, num_samples: int, lengths: list[int] | None, rank: int, world_size: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, optimizer steps of the run): --epochs of them, capped at --max_steps."""
+def plan_steps(args, num_samples: int, lengths: list[int] | None, rank: int, world_size: int,
+               updates_per_batch: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps of the run): --epochs of them, capped at --max_steps; each
+    step's micro-batches serve at most `updates_per_batch` steps (train's `reuse`)."""
     batches_per_epoch = len(epoch_batches(num_samples, args.batch_size, args.seed, 0, lengths, rank, world_size))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.accumulation_steps)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.accumulation_steps) * updates_per_batch
     return steps_per_epoch, min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
 
@@ -698,7 +705,8 @@ def stop_on_divergence(args, save: Callable, state: dict, resume_dir: Path, loss
 
 
 def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eval_perplexity: bool = True,
-          save_weights_fn: Callable = save_weights, count_items: Callable[[dict], int] = count_loss_tokens) -> dict:
+          save_weights_fn: Callable = save_weights, count_items: Callable[[dict], int] = count_loss_tokens,
+          reuse=None) -> dict:
     """Train `model` by minimizing `loss_fn` over `train_dataset`; log, evaluate, save, and resume with --from_resume.
 
     Reads as nanoGPT's train.py: the setup (device, the step plan, the model wrapped for the processes, the
@@ -723,6 +731,14 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
             losses that are not a cross-entropy, such as DPO's).
         save_weights_fn: function(model, tokenizer, directory) writing the weights directory atomically;
             LoRA passes one that writes only the adapter.
+        reuse: None (each step reads new micro-batches), or an object that lets the micro-batches of one step
+            serve several: the RL stages' trainer/rollouts.py RolloutBuffer, whose loss_fn makes a rollout of its
+            prompts on the first of those steps and learns from it again on the others. `reuse.max_updates` is
+            the most steps they serve (the plan counts that many); `reuse.again(metrics)`, called after each step
+            with its figures (means over all ranks, so every rank agrees), says whether the next step runs on the
+            same micro-batches. When fewer steps are taken (an early stop), the last epoch's data ends the run
+            before the planned step count. A resume starts on fresh micro-batches (the saved position is past
+            the ones in use).
     Returns:
         {"step": final optimizer step, "loss": last logged loss, "eval_loss": last eval loss or None,
          "eval": the last eval's figures or None, "weights_dir": where the weights were saved,
@@ -739,7 +755,8 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
     weights_dir, resume_dir = Path(args.save_dir) / name, Path(args.checkpoint_dir) / f"{name}_resume"
     autocast = nullcontext() if args.dtype == "float32" else torch.autocast(device.type, getattr(torch, args.dtype))
     lengths = getattr(train_dataset, "lengths", None)
-    steps_per_epoch, total_steps = plan_steps(args, len(train_dataset), lengths, rank, world_size)
+    steps_per_epoch, total_steps = plan_steps(args, len(train_dataset), lengths, rank, world_size,
+                                              reuse.max_updates if reuse is not None else 1)
     eval_batches = held_out_batches(args, eval_dataset, rank, world_size) if eval_dataset is not None else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # float16 needs loss scaling
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "elapsed_s": 0.0, "wandb_id": None,
@@ -747,6 +764,7 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
     if args.parallel == "fsdp" and save_weights_fn is not save_weights:
         raise SystemExit("--parallel fsdp saves whole models only; train adapters with --parallel ddp")
     model, optimizer = wrap_model(raw_model, args, device)
+    lr_ratios = [group.get("lr_ratio", 1.0) for group in optimizer.param_groups]  # as built (a resume overwrites)
     if is_deepspeed(model):
         raw_model = model  # ZeRO-3 shards the weights over the ranks: the engine gathers them to evaluate and save
     fixed_shapes = lengths is None or len(set(lengths)) == 1  # packed pretraining blocks; not SFT's batches
@@ -766,8 +784,11 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
         log(f"dtype: {args.dtype_reason}")
         if not resumed:  # the header: what this machine chose, and why
             metrics_log.write({"step": 0, "dtype": args.dtype, "dtype_reason": args.dtype_reason})
-        log(f"{name}: {len(train_dataset)} samples, {steps_per_epoch} steps per epoch, {total_steps} steps of "
-            f"{args.batch_size * args.accumulation_steps * world_size} samples (effective batch = --batch_size "
+        budget_ends_it = args.time_budget and total_steps == BUDGET_EPOCHS * steps_per_epoch
+        count, until = ("", f" until --time_budget {args.time_budget:g} min is spent") if budget_ends_it else (
+            f"{total_steps} ", "")
+        log(f"{name}: {len(train_dataset)} samples, {steps_per_epoch} steps per epoch, {count}steps of "
+            f"{args.batch_size * args.accumulation_steps * world_size} samples{until} (effective batch = --batch_size "
             f"{args.batch_size} x --accumulation_steps {args.accumulation_steps} x {world_size} process(es)"
             f"{', ' + args.parallel if world_size > 1 else ''}), {device}, {args.dtype}")
         step, summary = state["step"], {"loss": None, "eval_loss": None, "eval": None, "stopped": False}
@@ -775,6 +796,7 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
         budget_s = 60 * args.time_budget if args.time_budget else None
         bar = progress_bar(state, total_steps, budget_s, rank)
         log_tokens, log_time = 0, time.time()
+        reusing = False  # the next step runs again on the micro-batches in hand (reuse.again)
 
         # The loop: one iteration per optimizer step
         for epoch in range(state["epoch"], args.epochs):
@@ -782,11 +804,13 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
             position = state["batch_in_epoch"] if epoch == state["epoch"] else 0
             data = iter(DataLoader(train_dataset, batch_sampler=batches[position:], collate_fn=train_dataset.collate,
                                    num_workers=args.num_workers, pin_memory=device.type == "cuda"))
-            while position < len(batches) and step < total_steps and not summary["stopped"]:
+            while (position < len(batches) or reusing) and step < total_steps and not summary["stopped"]:
                 lr = learning_rate(args, step, time.time() - clock, budget_s, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                micro_batches = [next(data) for _ in range(min(args.accumulation_steps, len(batches) - position))]
+                for group, ratio in zip(optimizer.param_groups, lr_ratios):
+                    group["lr"] = lr * ratio
+                if not reusing:
+                    micro_batches = [next(data) for _ in range(min(args.accumulation_steps, len(batches) - position))]
+                    position += len(micro_batches)
                 step_start = time.perf_counter()
                 loss_sum, metric_sums, items, tokens, grad_norm, applied = compiler.run(
                     lambda model: optimizer_step(model, micro_batches, loss_fn, optimizer, scaler, autocast, args,
@@ -795,11 +819,14 @@ def train(args, model, tokenizer, train_dataset, loss_fn, eval_dataset=None, eva
                 if not applied:
                     stop_on_divergence(args, save, state, resume_dir, float(loss_sum / items), float(grad_norm),
                                        total_steps)
-                position, step = position + len(micro_batches), step + 1
+                step += 1
                 compiler.consider(time.perf_counter() - step_start, total_steps - step,
                                   budget_s - (time.time() - clock) if budget_s else math.inf)
                 loss, metrics, step_tokens, summary["stopped"] = step_totals(
                     args, step, loss_sum, metric_sums, items, tokens, signals["stop"], device)
+                reusing = reuse is not None and reuse.again(metrics)
+                if reuse is not None and not reusing and position == len(batches) and epoch == args.epochs - 1:
+                    total_steps = step  # the data is used up before the planned count (early stops): the last step
                 if not math.isfinite(loss):  # a NaN loss whose gradient is finite (no labelled position)
                     stop_on_divergence(args, save, state, resume_dir, loss, float(grad_norm), total_steps,
                                        applied=True)
