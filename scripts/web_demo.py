@@ -10,10 +10,15 @@ scripts/.streamlit/config.toml, which says the same (open it with `streamlit run
 
 The sidebar picks the checkpoint (a directory under --save_dir, alias --out_dir, that holds config.json or a LoRA
 adapter's adapter_config.json, or any checkpoint path typed in) and sets the system prompt, temperature (0: greedy),
-top_p, max_new_tokens, repetition penalty (1: off, the default), the earlier turns kept, and whether the model's
-<think> reasoning is shown; the flags give their starting values (upstream MiniMind's --load_from, --weight,
---lora_weight work too). "Clear history" starts a new conversation. Flags go after `--` when the app is started
-with `streamlit run`.
+top_p, max_new_tokens, repetition penalty (1: off, the default), the earlier turns kept, whether the model's
+<think> reasoning is shown, and whether it may use tools; the flags give their starting values (upstream MiniMind's
+--load_from, --weight, --lora_weight work too). "Clear history" starts a new conversation. Flags go after `--` when
+the app is started with `streamlit run`.
+
+"Use tools" offers the model the tools of dataset/tools.py (a calculator, a unit converter, a lookup table), as
+trainer/train_agent.py trains it to call them: each <tool_call> of a reply is run, shown with its result, and the
+result goes back to the model as a tool message; the model then writes its next reply, for at most MAX_TOOL_TURNS
+replies per message (dataset/tools.py's converse_with_tools, as eval/eval_toolcall.py runs it).
 """
 
 import argparse
@@ -21,12 +26,14 @@ import sys
 from pathlib import Path
 from threading import Lock
 
+from dataset.tools import TOOL_SCHEMAS, converse_with_tools
 from model.loading import load_checkpoint
 from scripts.generation import (ReplyStream, add_chat_flags, add_checkpoint_flags, build_messages, prompt_ids,
                                 resolve_checkpoint_flags, serve_extra_missing)
 
 CURSOR = "▌"  # shown at the end of a reply while it streams
 LOCALHOST, DEFAULT_PORT = "127.0.0.1", 8501
+MAX_TOOL_TURNS = 5  # replies per user message with tools on: calls, then the answer (trainer/train_agent.py's default)
 
 
 def parse_args(argv=None):
@@ -88,6 +95,7 @@ def sidebar(args) -> dict:
         "repetition_penalty": bar.slider("Repetition penalty (1: off)", 1.0, 2.0, args.repetition_penalty, step=0.05),
         "history_turns": bar.slider("Earlier exchanges kept", 0, 16, args.history_turns),
         "show_thinking": bar.toggle("Show thinking", value=bool(args.show_thinking)),
+        "use_tools": bar.toggle("Use tools", help="calculator, unit converter, lookup table (dataset/tools.py)"),
     }
     if bar.button("Clear history"):
         st.session_state.history = []
@@ -101,16 +109,30 @@ def show_message(message: dict, show_thinking: bool) -> None:
         thinking = st.empty()
         if show_thinking and message.get("reasoning"):
             thinking.caption(message["reasoning"])
-        st.markdown(message["content"])
+        if message["role"] == "tool":  # a tool's result, as it went back to the model
+            st.code(message["content"], language=None)
+        else:
+            st.markdown(message["content"])
+        show_tool_calls(message)
 
 
-def stream_answer(model, tokenizer, lock: Lock, history: list[dict], settings: dict) -> dict:
-    """Generate the reply to the last message of `history`, showing it as it streams; return it as a message."""
-    earlier = [{"role": m["role"], "content": m["content"]} for m in history]  # reasoning is not sent back (Qwen3)
+def show_tool_calls(message: dict) -> None:
+    """An assistant's tool calls as code: name(arguments)."""
+    for call in message.get("tool_calls") or []:
+        st.code(f"{call['name']}({call['arguments']})", language=None)
+
+
+def stream_answer(model, tokenizer, lock: Lock, history: list[dict], settings: dict,
+                  tools: list[dict] | None = None) -> dict:
+    """Generate the reply to the last message of `history`, showing it as it streams; return it as a message
+    (with its parsed tool calls when `tools`, the schemas offered, are given)."""
+    # reasoning is not sent back (Qwen3); tool calls and results are
+    earlier = [{key: m[key] for key in ("role", "content", "tool_calls") if key in m} for m in history]
     messages = build_messages(earlier, settings["system_prompt"], settings["history_turns"])
-    reply = ReplyStream(model, tokenizer, prompt_ids(tokenizer, messages), max_new_tokens=settings["max_new_tokens"],
-                        temperature=settings["temperature"], top_p=settings["top_p"],
-                        repetition_penalty=settings["repetition_penalty"], lock=lock)
+    reply = ReplyStream(model, tokenizer, prompt_ids(tokenizer, messages, tools),
+                        max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                        top_p=settings["top_p"], repetition_penalty=settings["repetition_penalty"], lock=lock,
+                        parse_tools=tools is not None)
     with st.chat_message("assistant"):
         thinking, answer = st.empty(), st.empty()
         for _ in reply:  # the cursor follows the part still being written: the reasoning, then the answer
@@ -121,7 +143,32 @@ def stream_answer(model, tokenizer, lock: Lock, history: list[dict], settings: d
         if settings["show_thinking"] and reply.reasoning:
             thinking.caption(reply.reasoning)
         answer.markdown(reply.content)
-    return {"role": "assistant", "content": reply.content.strip(), "reasoning": reply.reasoning}
+        message = {"role": "assistant", "content": reply.content.strip(), "reasoning": reply.reasoning}
+        if reply.tool_calls:
+            message["tool_calls"] = reply.tool_calls
+            show_tool_calls(message)
+    return message
+
+
+def answer(model, tokenizer, lock: Lock, history: list[dict], settings: dict) -> list[dict]:
+    """Answer the last message of `history`: one streamed reply, or with "Use tools" on, replies and the results
+    of the tools they call (each shown as it comes), for at most MAX_TOOL_TURNS replies. Returns the conversation
+    with the new messages."""
+    shown = len(history)
+
+    def reply_fn(requests: list[tuple[list[dict], list[dict] | None]]) -> list[dict]:
+        nonlocal shown
+        [(messages, tools)] = requests  # one conversation: this one
+        for message in messages[shown:]:  # the results of the calls of the reply before
+            show_message(message, settings["show_thinking"])
+        shown = len(messages) + 1  # and this reply, shown as it streams
+        return [stream_answer(model, tokenizer, lock, messages, settings, tools)]
+
+    tools = TOOL_SCHEMAS if settings["use_tools"] else None
+    [conversation] = converse_with_tools(reply_fn, [(history, tools)], MAX_TOOL_TURNS)
+    for message in conversation.messages[shown:]:  # the results of calls in the last reply allowed
+        show_message(message, settings["show_thinking"])
+    return conversation.messages
 
 
 def main() -> None:
@@ -151,7 +198,7 @@ def main() -> None:
     if prompt := st.chat_input("Message MiniMind"):
         history.append({"role": "user", "content": prompt})
         show_message(history[-1], settings["show_thinking"])
-        history.append(stream_answer(model, tokenizer, lock, history, settings))
+        st.session_state.history = answer(model, tokenizer, lock, history, settings)
 
 
 def launch(argv: list[str]) -> None:

@@ -7,7 +7,7 @@ as web_demo.png. Needs the chromium package (apt-get install chromium); skipped 
 
 Without a browser: the address the started demo listens on (read from Linux's /proc/net/tcp), the usage-statistics
 setting its first page gets (Streamlit's websocket protocol, as a browser tab speaks it), and what the page shows
-for a checkpoint it cannot load (Streamlit's AppTest)."""
+for a checkpoint it cannot load, and a tool-using reply with "Use tools" on (Streamlit's AppTest)."""
 
 import asyncio
 import os
@@ -24,6 +24,8 @@ from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 from streamlit.testing.v1 import AppTest
 
+from dataset.chat_format import tool_call_text
+from dataset.tools import TOOL_SCHEMAS
 from model.loading import load_checkpoint
 from scripts.generation import build_messages, prompt_ids
 from scripts.web_demo import CURSOR, checkpoint_dirs
@@ -237,3 +239,36 @@ def test_a_checkpoint_that_cannot_be_loaded_shows_one_sentence_not_a_traceback(b
 
 def test_without_the_serve_extra_help_works_and_a_run_says_what_to_install():
     assert_help_and_install_line_without_serve_extra(REPO / "scripts" / "web_demo.py", "--host")
+
+
+TOOL_QUESTION = "What is 48 / 2?"
+CALCULATOR_CALL = {"name": "calculator", "arguments": {"expression": "48/2"}}
+
+
+@pytest.fixture(scope="module")
+def tool_checkpoint(tmp_path_factory):
+    """A model that, offered the tools, answers TOOL_QUESTION with a calculator call and its result with the answer."""
+    tokenizer = shipped_tokenizer()
+    asked = [{"role": "user", "content": TOOL_QUESTION}]
+    called = asked + [{"role": "assistant", "content": "", "tool_calls": [CALCULATOR_CALL]},
+                      {"role": "tool", "content": "24"}]
+    return scripted_checkpoint(tmp_path_factory.mktemp("tools"), [
+        (prompt_ids(tokenizer, asked, TOOL_SCHEMAS), tool_call_text(CALCULATOR_CALL) + "<|im_end|>"),
+        (prompt_ids(tokenizer, called, TOOL_SCHEMAS), "It is 24.<|im_end|>")])
+
+
+def test_use_tools_runs_the_models_call_and_shows_it_with_its_result(tool_checkpoint, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["web_demo.py", "--model_path", str(tool_checkpoint), "--device", "cpu",
+                                      "--temperature", "0", "--max_new_tokens", "64"])
+    page = AppTest.from_file(str(REPO / "scripts" / "web_demo.py"), default_timeout=120).run()
+    [use_tools] = [toggle for toggle in page.toggle if toggle.label == "Use tools"]
+    use_tools.set_value(True).run()
+    page.chat_input[0].set_value(TOOL_QUESTION).run()
+    assert not page.exception
+    shown = [(message.name, [code.value for code in message.code], [text.value for text in message.markdown])
+             for message in page.chat_message]
+    assert shown == [("user", [], [TOOL_QUESTION]),
+                     ("assistant", ['calculator({"expression": "48/2"})'], [""]),
+                     ("tool", ["24"], []),
+                     ("assistant", [], ["It is 24."])]
+    assert [m["role"] for m in page.session_state["history"]] == ["user", "assistant", "tool", "assistant"]

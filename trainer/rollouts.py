@@ -11,6 +11,8 @@ rewards, GAE advantages and returns). Read top to bottom:
   score), with the flags and checks that set the rewards up;
 - the objective both methods share: `clipped_surrogate` (PPO's clipped ratio objective, Schulman et al. 2017,
   eq. 7, which GRPO's eq. 3 reuses with group advantages), `kl_k3` and `masked_mean`;
+- GRPO's objective, `group_advantages` and `grpo_loss` (its --loss_type variants), here because the tool-use
+  agent (trainer/train_agent.py) runs it too and stage scripts do not import each other;
 - reuse: `RolloutBuffer`, which lets one rollout serve several optimizer steps of the shared loop.
 
 Reusing a rollout. A rollout costs a generation; the updates that learn from it are cheap next to it, so PPO takes
@@ -269,6 +271,89 @@ def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages
     return torch.min(unclipped, clipped), ratio, clipped < unclipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO's objective (trainer/train_grpo.py; trainer/train_agent.py runs it on multi-turn rollouts)
+
+
+ADVANTAGE_EPS = 1e-4  # keeps A finite for a group whose rewards are all equal (then A = 0)
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "cispo")
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, eps: float = ADVANTAGE_EPS,
+                     scale: bool = True) -> torch.Tensor:
+    """Outcome-supervision advantages (DeepSeekMath section 4.1.2): each reward measured against its group.
+
+    Args:
+        rewards: (groups * num_generations,) rewards, the G completions of a prompt next to each other.
+        scale: divide by the group's std (GRPO); False: Dr. GRPO's r_i - mean, without it (Liu et al. 2025).
+    Returns:
+        (groups * num_generations,) (r_i - mean of the group) / (population std of the group + eps), or
+        r_i - mean of the group when not `scale`.
+    """
+    grouped = rewards.view(-1, num_generations)  # (groups, G)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if not scale:
+        return centered.flatten()
+    return (centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)).flatten()
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, epsilon: float, beta: float, loss_type: str = "grpo",
+              epsilon_high: float | None = None, max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+    """-J of the GRPO objective `loss_type` (trainer/train_grpo.py's docstring), with the k3 KL of DeepSeekMath
+    eq. 4 to the reference weighted by beta.
+
+    Per token, with rho = exp(logps - old_logps), A_i the completion's advantage, KL = kl_k3(ref_logps - logps):
+
+        grpo, dr_grpo, dapo:  l_it = -[ min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) * A_i) - beta * KL ]
+        cispo:                l_it = -[ sg(min(rho, 1 + epsilon_high)) * A_i * logps - beta * KL ]   (sg: no grad)
+
+    over the N completions of |o_i| tokens each:
+
+        grpo:     1/N sum_i 1/|o_i| sum_t l_it          (DeepSeekMath eq. 3)
+        dr_grpo:  1/(N * L) sum_i sum_t l_it            (Dr. GRPO; L = max_completion_length)
+        dapo:     1/(sum_i |o_i|) sum_i sum_t l_it      (DAPO's token-level policy-gradient loss)
+        cispo:    1/(sum_i |o_i|) sum_i sum_t l_it      (MiniMax-M1's CISPO)
+
+    Args:
+        logps, old_logps, ref_logps: (N, T) log-probabilities of each completion token under the policy being
+            trained (with gradients), the policy that sampled it, and the reference.
+        advantages: (N,) one advantage per completion (group_advantages).
+        mask: (N, T) 1 on the completion's tokens (its end-of-turn included), 0 on the padding after it.
+        epsilon: lower clip range of the ratio, and the upper one unless epsilon_high is given; beta: weight of the
+            KL penalty; loss_type: one of LOSS_TYPES; max_completion_length: Dr. GRPO's constant L, the generation
+            budget (default: T).
+    Returns:
+        (scalar loss, {"kl": mean per-token KL to the reference, "approx_kl": mean k3 estimate of
+        KL(pi_old || pi_theta), "clip_fraction": fraction of tokens whose clipped term was the smaller (no
+        gradient; for cispo: whose importance weight was truncated)}), each a mean over the completion tokens.
+    Raises:
+        ValueError: an unknown loss_type.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    advantages = advantages[:, None]  # (N, 1): the same A_i on every token of completion i
+    kl = kl_k3(ref_logps - logps)  # (N, T), k3 estimator of KL(pi_theta || pi_ref)
+    if loss_type == "cispo":
+        ratio = torch.exp(logps - old_logps)
+        weight = torch.clamp(ratio, max=1 + epsilon_high).detach()  # truncated importance weight, no gradient
+        objective, clipped = weight * advantages * logps, ratio > 1 + epsilon_high
+    else:
+        objective, ratio, clipped = clipped_surrogate(logps, old_logps, advantages, epsilon, epsilon_high)
+    per_token = -(objective - beta * kl)
+    mask = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()  # 1/|o_i| sum_t, 1/G sum_i
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (len(mask) * (max_completion_length or mask.shape[1]))
+    else:  # dapo, cispo: every token of the batch weighs alike
+        loss = masked_mean(per_token, mask)
+    stats = {"kl": masked_mean(kl.detach(), mask), "approx_kl": masked_mean(kl_k3(logps - old_logps).detach(), mask),
+             "clip_fraction": masked_mean(clipped.to(mask.dtype), mask)}
+    return loss, stats
 
 
 # ----------------------------------------------------------------------------------------------------------------

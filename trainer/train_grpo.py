@@ -86,92 +86,15 @@ import torch
 from transformers import GenerationConfig
 
 from dataset.rl_dataset import PromptDataset
-from trainer.rollouts import (RolloutBuffer, add_reward_flags, add_sampling_flags, check_rewards, clipped_surrogate,
-                              completion_logprobs, generation_config, kl_k3, load_rewards, masked_mean,
+from trainer.rollouts import (LOSS_TYPES, RolloutBuffer, add_reward_flags, add_sampling_flags, check_rewards,
+                              completion_logprobs, generation_config, group_advantages, grpo_loss, load_rewards,
                               sample_completions, score_rollout)
-from trainer.rollouts import completion_mask, score_completions  # noqa: F401 (re-exported: train_agent.py imports)
+from trainer.rollouts import completion_mask, score_completions  # noqa: F401 (this script's names before the move)
 from trainer.trainer_utils import (REPO_ROOT, count_rows, load_model, load_reference, non_negative_float, parse_args,
                                    positive_float, positive_int, require_trained_start, run_main, setup_run, train,
                                    unwrap, with_router_loss)
 
-ADVANTAGE_EPS = 1e-4  # keeps A finite for a group whose rewards are all equal (then A = 0)
 GRPO_DATA = REPO_ROOT / "dataset" / "data" / "grpo"
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "cispo")
-
-
-def group_advantages(rewards: torch.Tensor, num_generations: int, eps: float = ADVANTAGE_EPS,
-                     scale: bool = True) -> torch.Tensor:
-    """Outcome-supervision advantages (DeepSeekMath section 4.1.2): each reward measured against its group.
-
-    Args:
-        rewards: (groups * num_generations,) rewards, the G completions of a prompt next to each other.
-        scale: divide by the group's std (GRPO); False: Dr. GRPO's r_i - mean, without it (Liu et al. 2025).
-    Returns:
-        (groups * num_generations,) (r_i - mean of the group) / (population std of the group + eps), or
-        r_i - mean of the group when not `scale`.
-    """
-    grouped = rewards.view(-1, num_generations)  # (groups, G)
-    centered = grouped - grouped.mean(dim=1, keepdim=True)
-    if not scale:
-        return centered.flatten()
-    return (centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)).flatten()
-
-
-def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, epsilon: float, beta: float, loss_type: str = "grpo",
-              epsilon_high: float | None = None, max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
-    """-J of the GRPO objective `loss_type` (the module docstring), with the k3 KL of DeepSeekMath eq. 4 to the
-    reference weighted by beta.
-
-    Per token, with rho = exp(logps - old_logps), A_i the completion's advantage, KL = kl_k3(ref_logps - logps):
-
-        grpo, dr_grpo, dapo:  l_it = -[ min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) * A_i) - beta * KL ]
-        cispo:                l_it = -[ sg(min(rho, 1 + epsilon_high)) * A_i * logps - beta * KL ]   (sg: no grad)
-
-    over the N completions of |o_i| tokens each:
-
-        grpo:     1/N sum_i 1/|o_i| sum_t l_it          (DeepSeekMath eq. 3)
-        dr_grpo:  1/(N * L) sum_i sum_t l_it            (Dr. GRPO; L = max_completion_length)
-        dapo:     1/(sum_i |o_i|) sum_i sum_t l_it      (DAPO's token-level policy-gradient loss)
-        cispo:    1/(sum_i |o_i|) sum_i sum_t l_it      (MiniMax-M1's CISPO)
-
-    Args:
-        logps, old_logps, ref_logps: (N, T) log-probabilities of each completion token under the policy being
-            trained (with gradients), the policy that sampled it, and the reference.
-        advantages: (N,) one advantage per completion (group_advantages).
-        mask: (N, T) 1 on the completion's tokens (its end-of-turn included), 0 on the padding after it.
-        epsilon: lower clip range of the ratio, and the upper one unless epsilon_high is given; beta: weight of the
-            KL penalty; loss_type: one of LOSS_TYPES; max_completion_length: Dr. GRPO's constant L, the generation
-            budget (default: T).
-    Returns:
-        (scalar loss, {"kl": mean per-token KL to the reference, "approx_kl": mean k3 estimate of
-        KL(pi_old || pi_theta), "clip_fraction": fraction of tokens whose clipped term was the smaller (no
-        gradient; for cispo: whose importance weight was truncated)}), each a mean over the completion tokens.
-    Raises:
-        ValueError: an unknown loss_type.
-    """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    advantages = advantages[:, None]  # (N, 1): the same A_i on every token of completion i
-    kl = kl_k3(ref_logps - logps)  # (N, T), k3 estimator of KL(pi_theta || pi_ref)
-    if loss_type == "cispo":
-        ratio = torch.exp(logps - old_logps)
-        weight = torch.clamp(ratio, max=1 + epsilon_high).detach()  # truncated importance weight, no gradient
-        objective, clipped = weight * advantages * logps, ratio > 1 + epsilon_high
-    else:
-        objective, ratio, clipped = clipped_surrogate(logps, old_logps, advantages, epsilon, epsilon_high)
-    per_token = -(objective - beta * kl)
-    mask = mask.to(per_token.dtype)
-    if loss_type == "grpo":
-        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()  # 1/|o_i| sum_t, 1/G sum_i
-    elif loss_type == "dr_grpo":
-        loss = (per_token * mask).sum() / (len(mask) * (max_completion_length or mask.shape[1]))
-    else:  # dapo, cispo: every token of the batch weighs alike
-        loss = masked_mean(per_token, mask)
-    stats = {"kl": masked_mean(kl.detach(), mask), "approx_kl": masked_mean(kl_k3(logps - old_logps).detach(), mask),
-             "clip_fraction": masked_mean(clipped.to(mask.dtype), mask)}
-    return loss, stats
 
 
 def grpo_rollout(model, reference, tokenizer, batch: dict, rewards: list[tuple], generation: GenerationConfig,

@@ -108,6 +108,8 @@ def resolve_weight_dir(weight: str, save_dir: str, hidden_size: int, use_moe: bo
 
 MADE_WITH_SAVE_WEIGHT = {  # weights the README makes with a stage script under another --save_weight
     "reason_sft": "trainer/train_full_sft.py --from_weight full_sft --save_weight reason_sft",
+    "tool_sft": "trainer/train_full_sft.py --from_weight full_sft --save_weight tool_sft "
+                "--data_path dataset/data/agent/tool_sft.jsonl",
 }
 
 
