@@ -75,9 +75,9 @@ from dataset.tools import ToolCall, malformed_call, read_tool_call
 from trainer.rewards import check_reward_fields
 from trainer.rollouts import (SAMPLE_FIELDS, add_reward_flags, add_sampling_flags, completion_logprobs,
                               generation_config, group_advantages, grpo_loss, load_rewards, score_completions)
-from trainer.trainer_utils import (REPO_ROOT, count_rows, load_model, load_reference, parse_args, positive_float,
-                                   positive_int, require_trained_start, run_main, setup_run, train, unwrap,
-                                   with_router_loss)
+from trainer.trainer_utils import (REPO_ROOT, count_rows, load_model, load_reference, non_negative_float, parse_args,
+                                   positive_float, positive_int, require_trained_start, run_main, setup_run, train,
+                                   unwrap, with_router_loss)
 
 AGENT_DATA = REPO_ROOT / "dataset" / "data" / "agent"
 AGENT_REWARDS = ["gsm8k_accuracy", "tool_call_format", "wasted_turns"]
@@ -297,8 +297,8 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
                        help="most assistant turns of a rollout (each a tool call or the final reply)")
     add_sampling_flags(group)  # --max_new_tokens, --temperature, --top_p; here a completion is one turn:
     parser._option_string_actions["--max_new_tokens"].help = "most tokens of each assistant turn"
-    group.add_argument("--beta", type=float, default=0.04, help="weight of the KL penalty to the reference (the "
-                                                                "--from_weight model); 0: no penalty")
+    group.add_argument("--beta", type=non_negative_float, default=0.04,
+                       help="weight of the KL penalty to the reference (the --from_weight model); 0: no penalty")
     group.add_argument("--epsilon", type=positive_float, default=0.2,
                        help="clip range of the probability ratio (eq. 3); no effect: with one update per rollout "
                             "the ratio is 1 and nothing is clipped (see the module docstring)")
@@ -326,8 +326,6 @@ def main(argv: list[str] | None = None) -> dict:
     require_trained_start(args, "Tool-use RL")
     if args.num_generations < 2:
         raise SystemExit("--num_generations must be >= 2: advantages compare the rollouts of a group")
-    if args.beta < 0:
-        raise SystemExit("--beta must be >= 0")
     rewards = load_rewards(args)
     model, tokenizer = load_model(args)
 
