@@ -7,6 +7,7 @@ Each rule is a pure function on strings, so a test can check it on a hand-writte
     truecase         original casing back on the lower-cased TinyStories copy (a table learned from cased stories)
     book_documents   a Project Gutenberg book -> chapters -> documents of about 1,500 characters
     story_subject    what a story is about, for the request an SFT sample pairs it with ("... about a cat.")
+    opens_on_subject whether a story's first sentence names that subject (the SFT set keeps only those)
 
 The rules, their measured accuracy and the counts they give are in dataset/data/ATTRIBUTION.md.
 """
@@ -286,6 +287,13 @@ def story_subject(story: str) -> tuple[str, str | None] | None:
                   key=lambda word: (word in PEOPLE, -counts[word], candidates.index(word)))
     name = next((match.group(2) for match in NAMED.finditer(opening) if match.group(1) == subject), None)
     return subject, name
+
+
+def opens_on_subject(story: str, subject: str) -> bool:
+    """Whether the first sentence of `story` names `subject` (or its plural): "Once upon a time, there was a cat
+    named Tom." opens on "cat"; a story whose cat first appears in its second sentence does not. A model fine-tuned
+    on requests answered by such stories learns to copy the request's subject into its first sentence."""
+    return subject in subject_words(first_sentences(story, count=1))
 
 
 def story_request(subject: str, name: str | None, index: int) -> str:

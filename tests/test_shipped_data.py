@@ -4,15 +4,16 @@ by dataset/make_shipped_data.py when the staged corpora are here."""
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from dataset.lm_dataset import check_pretrain_record, check_sft_record, read_jsonl
-from dataset.make_shipped_data import IDENTITY_COPIES, MAX_STORY_CHARS, MIN_STORY_WORDS
+from dataset.make_shipped_data import IDENTITY_COPIES, MAX_STORY_CHARS, MIN_STORY_WORDS, STORIES_PER_SUBJECT
 from dataset.make_shipped_data import main as make_shipped_data
-from dataset.quick_corpus import (book_documents, book_paragraphs, casing_table, heading_case, proper_names,
-                                  recover_stories, repair_text, story_request, story_subject, truecase)
+from dataset.quick_corpus import (book_documents, book_paragraphs, casing_table, heading_case, opens_on_subject,
+                                  proper_names, recover_stories, repair_text, story_request, story_subject, truecase)
 from eval.check_replies import mentions, reply_words, requested_subject
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +143,16 @@ def test_story_subject_is_the_most_used_subject_word_of_the_first_two_sentences(
     assert story_subject(story) == subject
 
 
+@pytest.mark.parametrize("story, subject, opens", [
+    ("Once upon a time, there was a cat named Tom. Tom was fat.", "cat", True),
+    ("Two little cats played in the sun. They were happy.", "cat", True),  # the plural names it too
+    ("Once upon a time, there was a girl named Lily. She had a cat.", "cat", False),  # the cat comes second
+    ("Lily saw a catfish. The cat ran.", "cat", False),  # a word that starts with the subject is not it
+])
+def test_opens_on_subject_looks_at_the_first_sentence_only(story, subject, opens):
+    assert opens_on_subject(story, subject) is opens
+
+
 def test_story_request_phrasings():
     assert story_request("cat", None, 0) == "Write a short story about a cat."
     assert story_request("owl", None, 1) == "Tell me a story about an owl."
@@ -170,7 +181,15 @@ def test_sft_stories_fit_the_default_context_and_name_their_subject(tokenizer):
             stories += 1
             assert mentions(reply_words(reply), subject), prompt
             assert len(reply.split()) >= MIN_STORY_WORDS and len(reply) <= MAX_STORY_CHARS
-    assert stories > 1000
+            assert opens_on_subject(reply, subject), prompt
+    assert stories > 400
+
+
+def test_no_subject_outweighs_the_others_in_the_sft_stories():
+    subjects = Counter(requested_subject(conv[0]["content"]) for conv in conversations("sft_stories"))
+    del subjects[None]  # identity and poems
+    assert max(subjects.values()) == STORIES_PER_SUBJECT
+    assert {"cat", "dog", "bear", "girl", "boy"} <= {s for s, n in subjects.items() if n == STORIES_PER_SUBJECT}
 
 
 def test_sft_test_stories_are_not_training_answers_and_identity_is_repeated():
