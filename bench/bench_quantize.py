@@ -8,7 +8,7 @@ Variants, all made from the same checkpoint:
     torch_int8    torch.ao.quantization.quantize_dynamic: every nn.Linear's weight in int8 (one scale per
                   tensor), its input quantized to 8 bits on the fly at every call (fbgemm kernels). The API is
                   deprecated in favour of torchao, whose int8 kernels are not faster than float32 on CPU (see the
-                  README section); the row is skipped when torch no longer has it.
+                  quantization part of docs/serving.md); the row is skipped when torch no longer has it.
     gguf_f32, gguf_f16, gguf_q8_0, gguf_q4_0, gguf_q4_k_m
                   llama.cpp (through llama-cpp-python) on GGUF files written by scripts/convert_model.py to_gguf:
                   q8_0 stores blocks of 32 weights as int8 with one f16 scale (8.5 bits per weight), q4_0 as

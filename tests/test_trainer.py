@@ -230,7 +230,7 @@ def test_user_mistakes_end_in_one_line_and_nonzero_exit(tmp_path, flag, message)
 
 
 def test_a_missing_stage_names_the_script_that_makes_it_and_the_checkpoints_there(pretrained):
-    # reason_sft is the README's name for a full SFT run with --save_weight reason_sft: no train_reason_sft.py
+    # reason_sft is docs/rl.md's name for a full SFT run with --save_weight reason_sft: no train_reason_sft.py
     with pytest.raises(SystemExit, match=r"--from_weight reason_sft: no checkpoint at .*reason_sft_64; python "
                                          r"trainer/train_full_sft.py --from_weight full_sft --save_weight reason_sft "
                                          r"makes it; .* holds (full_sft_64, )?pretrain_64$"):

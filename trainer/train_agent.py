@@ -58,7 +58,7 @@ message, then the final number):
 
 The learning rate wants care: each of Adam's first steps moves every weight by about the learning rate, however
 small and noisy its gradient. On the quick-path model (4.6M parameters) 5e-4 took the sampled calls from 92% to 8%
-well-formed in two steps; 1e-4, the default, moved the policy little in 15 steps (KL 0.014; README, section 6e).
+well-formed in two steps; 1e-4, the default, moved the policy little in 15 steps (KL 0.014; docs/rl.md, section 6e).
 
 Writes out/agent_<hidden_size>/ and out/runs/agent_<hidden_size>/metrics.jsonl.
 """

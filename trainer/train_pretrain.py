@@ -12,9 +12,9 @@ Defaults: dataset/data/pretrain_quick_stories_books_truecased.jsonl (1.5M tokens
 and books: TinyStories and Project Gutenberg, see dataset/data/ATTRIBUTION.md), held out
 dataset/data/pretrain_quick_test.jsonl, 1 epoch, peak learning rate 2e-3, 16 blocks of 256 tokens per step, the
 4.6M-parameter model. With --time_budget MINUTES and no --epochs, passes repeat until the budget is spent (the
-README's first command: --time_budget 9).
+README's first command: --time_budget 8).
 
-    python trainer/train_pretrain.py --time_budget 9         # one process: GPU if there is one, else CPU
+    python trainer/train_pretrain.py --time_budget 8         # one process: GPU if there is one, else CPU
     python trainer/train_pretrain.py --data_path dataset/data/pretrain.jsonl   # lower-cased stories + Tang poems
     torchrun --nproc_per_node 2 trainer/train_pretrain.py    # two processes (two GPUs, or CPU with gloo)
 

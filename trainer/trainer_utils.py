@@ -106,7 +106,7 @@ def resolve_weight_dir(weight: str, save_dir: str, hidden_size: int, use_moe: bo
     return directory
 
 
-MADE_WITH_SAVE_WEIGHT = {  # weights the README makes with a stage script under another --save_weight
+MADE_WITH_SAVE_WEIGHT = {  # weights docs/rl.md makes with a stage script under another --save_weight
     "reason_sft": "trainer/train_full_sft.py --from_weight full_sft --save_weight reason_sft",
     "tool_sft": "trainer/train_full_sft.py --from_weight full_sft --save_weight tool_sft "
                 "--data_path dataset/data/agent/tool_sft.jsonl",
@@ -303,6 +303,13 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
     regularizing meaning. Betas (0.9, 0.95) as in GPT-3 and LLaMA. A model may train some submodules at another
     rate: `model.lr_ratios`, {submodule name: its rate / the schedule's} (PPO's value model); each parameter
     group keeps its `lr_ratio` (1 for the rest), which the loop multiplies the scheduled rate by.
+
+    Memory: AdamW keeps two float32 states per trainable parameter (exp_avg, exp_avg_sq), so with the float32
+    weights (autocast casts copies for the matrix products) and their float32 gradients a run holds
+
+        weights + gradients + AdamW states = (4 + 4 + 8) bytes x parameters      before any activation
+
+    (ZeRO, Rajbhandari et al. 2020, section 3.1, counts the same 16 bytes for fp16 mixed precision: 2 + 2 + 12).
     """
     ratios = getattr(model, "lr_ratios", {})
     by_ratio: dict[float, list] = {}
@@ -313,7 +320,7 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay, "lr_ratio": ratio},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_ratio": ratio})]
     # fused: one kernel for all parameters instead of a loop over them; on CPU too (at the 26.9M reference shape
-    # 8.6 vs 38 ms a step, bench: README Performance); MPS and others keep the default loop
+    # 8.6 vs 38 ms a step, bench/README.md); MPS and others keep the default loop
     fused = torch.device(args.device).type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=fused)
 

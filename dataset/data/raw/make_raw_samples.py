@@ -1,6 +1,6 @@
 """Regenerate the small raw samples in dataset/data/raw/ from the staged public corpora.
 
-These files are the *inputs* of dataset/prepare.py in the tests and the README: one file per common raw
+These files are the *inputs* of dataset/prepare.py in the tests and docs/data.md: one file per common raw
 format (a plain-text book, Alpaca, ShareGPT, OpenAI messages, two preference formats, CSV, Parquet).
 Every record is real and taken in file order by a fixed rule (no sampling), so two runs give identical
 files. Where a format is not found in the staged data as such (ShareGPT chats, OpenAI messages, flat
