@@ -11,7 +11,7 @@ split into micro-batches and processes, so a long reply weighs by its tokens (tr
 Samples keep their own length; the loop batches samples of similar length together and pads each batch to its
 longest sample. Defaults: dataset/data/sft_stories.jsonl (story requests answered by real TinyStories stories,
 the MiniMind identity conversations, a few Tang poems; held out: sft_stories_test.jsonl), starting from
-out/pretrain_<hidden_size>, 2 epochs, peak learning rate 1e-3 (half of pretraining's: the model already knows
+out/pretrain_<hidden_size>, 5 epochs (230 steps of the 730 conversations), peak learning rate 1e-3 (half of pretraining's: the model already knows
 the language; large models use far lower rates), 16 conversations per step. Alpaca's instructions
 (dataset/data/sft.jsonl) are beyond a model of a few million parameters; they are for larger models.
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_data_path": str(REPO_ROOT / "dataset" / "data" / "sft_stories_test.jsonl"),
         "from_weight": "pretrain",
         "learning_rate": 1e-3,
-        "epochs": 2,
+        "epochs": 5,
     })
     setup_run(args)  # device, dtype, torchrun's process group, seeds
     model, tokenizer = load_model(args)
