@@ -178,6 +178,11 @@ def build_assistant_labels(tokenizer, messages: list[dict],
                            tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and its SFT labels: the ids where the assistant writes, IGNORE_INDEX elsewhere.
 
+        labels[t] = input_ids[t]   if token t is written by the assistant (its reply and closing <|im_end|>)
+                    -100           otherwise (system, user, tool messages, the role headers)
+
+    The model shifts the labels, so the loss at position t is on token t + 1 and counts only assistant tokens.
+
     Returns:
         (input_ids, labels), two lists of equal length; what model/tokenizer/chat_template.jinja gives with
         return_assistant_tokens_mask, save for the differences the module docstring names.

@@ -124,7 +124,16 @@ def exact_duplicates(texts: list[str]) -> list[bool]:
 
 
 def minhash(text: str, num_perm: int, shingle_size: int, seed: int) -> MinHash:
-    """MinHash signature of the set of character n-grams of the text (lower-cased, whitespace collapsed)."""
+    """MinHash signature of the set of character n-grams of the text (lower-cased, whitespace collapsed).
+
+    For a random hash function h, the smallest hash over a set A equals the smallest over B exactly when the
+    element of A | B with the smallest hash lies in A & B, so (Broder 1997, "On the resemblance and containment
+    of documents")
+
+        P[min h(A) = min h(B)] = |A & B| / |A | B| = J(A, B)
+
+    and the share of the num_perm hash functions on which two signatures agree estimates J(A, B).
+    """
     text = " ".join(text.lower().split())
     shingles = {text[i:i + shingle_size] for i in range(max(1, len(text) - shingle_size + 1))}
     signature = MinHash(num_perm=num_perm, seed=seed)

@@ -330,6 +330,8 @@ def document_position_ids(input_ids: torch.Tensor, separator_id: int) -> torch.T
     itself ends the document before it. The model reads restarts inside a row as packed documents and
     builds a block-diagonal causal mask, so no token attends to an earlier document.
 
+        position_ids[t] = t - (the latest document start at or before t)
+
     Args:
         input_ids: (..., seq_len) token ids.
     Returns:
@@ -351,6 +353,9 @@ class PretrainDataset(Dataset):
     Each document is tokenized once and followed by <|endoftext|>; the stream of all documents is cut into
     consecutive blocks (documents cross block borders; the tail shorter than a block is dropped), as in
     GPT-2/nanoGPT pretraining. labels == input_ids: the model shifts them, so position t predicts token t+1.
+
+        stream   = d_1 SEP d_2 SEP ... d_n SEP               (every document's tokens, each followed by SEP)
+        block_i  = stream[i * L : (i + 1) * L],  i = 0 .. floor(len(stream) / L) - 1,   L = max_seq_len
 
     Args:
         data_path: jsonl of {"text": ...} lines.

@@ -226,8 +226,12 @@ def build_attention_mask(
     Three rules are combined: causal (a query at absolute position p sees keys 0..p), padding (keys whose
     `attention_mask` is 0 are hidden), and packed documents (when `position_ids` restart at 0 inside a row
     with no cache, a token only sees earlier tokens of its own document: the block-diagonal mask used for
-    packed pretraining, as in transformers' flattening collator). Every query may also see itself, so rows of
-    left padding never become all -inf (their outputs are ignored anyway).
+    packed pretraining, as in transformers' flattening collator; Krell et al. 2021, "Efficient Sequence Packing
+    without Cross-contamination"). Every query may also see itself, so rows of left padding never become all -inf
+    (their outputs are ignored anyway). For a query at position q and a key at position k:
+
+        mask[q, k] = (k <= q) and attention_mask[k] = 1 and doc(k) = doc(q),   or k = q
+        doc(t) = the number of position_ids equal to 0 at or before t (the document t belongs to)
 
     Args:
         attention_mask: (batch, past_length + query_length) with 1 for real tokens and 0 for padding, or None.

@@ -132,7 +132,17 @@ def iter_training_texts(paths: list[Path]) -> Iterator[str]:
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE on the texts; ids 0-8 are SPECIAL_TOKENS then CONTROL_TOKENS, in that order."""
+    """Train a byte-level BPE on the texts; ids 0-8 are SPECIAL_TOKENS then CONTROL_TOKENS, in that order.
+
+    Each merge step of the trainer (Sennrich et al. 2016, Algorithm 1) takes the adjacent pair of symbols with
+    the highest count over the words w of the text, each word weighted by its frequency f(w),
+
+        (a, b) = argmax over pairs of  sum_w f(w) * #{i : w_i = a, w_{i+1} = b}
+
+    replaces every occurrence of a b by the new symbol ab, and repeats until the vocabulary (256 byte symbols +
+    the 9 reserved tokens + one symbol per merge) holds vocab_size entries. scripts/xray/bpe_merges.py
+    (learn_merges) does the same by hand and gets the same merges.
+    """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
