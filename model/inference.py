@@ -39,7 +39,9 @@ class KVCache:
     keys, values: (num_hidden_layers, batch, num_key_value_heads, max_length, head_dim); the first `length`
     positions are filled. The model calls `update` in each attention layer and `get_seq_length` once per forward
     (transformers' `Cache` interface, which MiniMind's forward takes), so the same model runs on this cache, on
-    transformers' DynamicCache (what `generate` uses) or on none.
+    transformers' DynamicCache (what `generate` uses) or on none. Its size, keys and values:
+
+        2 * num_hidden_layers * batch_size * num_key_value_heads * max_length * head_dim numbers
 
     Args:
         config: a MiniMindConfig (num_hidden_layers, num_key_value_heads, head_dim).
