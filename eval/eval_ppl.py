@@ -165,7 +165,10 @@ def negative_log_likelihood(model, sequences, max_seq_len: int, stride: int, bat
 
 
 def summarize(total_nll: float, num_tokens: int, num_bytes: int) -> dict:
-    """Mean NLL per token (nats), perplexity, and bits per byte from the totals.
+    """Mean NLL per token (nats), perplexity, and bits per byte from the totals:
+
+        mean_nll = total_nll / num_tokens,    perplexity = exp(mean_nll),
+        bits_per_byte = total_nll / ln 2 / num_bytes    (bits per UTF-8 byte: comparable across tokenizers)
 
     Raises:
         ValueError: when nothing was scored.

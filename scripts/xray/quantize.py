@@ -31,7 +31,9 @@ BLOCK = 32  # weights per 4-bit block, as llama.cpp's q4_0
 
 
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 absmax quantization with one scale per row (Dettmers et al. 2022, vector-wise).
+    """int8 absmax quantization with one scale per row (Dettmers et al. 2022, vector-wise):
+
+        scale_i = max_j |W_ij| / 127,    q_ij = round(W_ij / scale_i) in [-127, 127],    W_ij ~= q_ij * scale_i
 
     Args:
         weight: (out_features, in_features) float tensor.
@@ -43,7 +45,9 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def quantize_4bit_blocks(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric 4-bit quantization in blocks of `block` consecutive weights of a row, one scale per block.
+    """Symmetric 4-bit quantization in blocks of `block` consecutive weights of a row, one scale per block:
+
+        scale_b = max_{j in b} |W_j| / 7,    q_j = clamp(round(W_j / scale_b), -8, 7),    W_j ~= q_j * scale_b
 
     Args:
         weight: (out_features, in_features) float tensor, in_features divisible by `block`.
