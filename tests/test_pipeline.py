@@ -74,6 +74,12 @@ def test_tokenizer_pretrain_sft_chat_through_the_real_scripts(tmp_path):
     assert all(answer.strip() for answer in answers)
 
     # post-training, each stage from the SFT checkpoint
+    run(str(REPO_ROOT / "trainer" / "train_unlikelihood.py"), *common, "--from_weight", "full_sft",
+        "--data_path", str(sft), "--eval_data_path", str(sft_test), "--max_steps", "2", "--eval_interval", "2",
+        "--max_new_tokens", "16", cwd=elsewhere)
+    assert (out / "unlikelihood_64" / "model.safetensors").is_file()
+    assert any("eval_repeat_fraction" in m for m in read_metrics(out / "runs" / "unlikelihood_64" / "metrics.jsonl"))
+
     lora = head(DATA / "lora_identity.jsonl", tmp_path / "lora_identity.jsonl", 24)
     dpo = head(DATA / "dpo.jsonl", tmp_path / "dpo.jsonl", 24)
     dpo_test = head(DATA / "dpo_test.jsonl", tmp_path / "dpo_test.jsonl", 8)

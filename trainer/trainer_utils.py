@@ -352,6 +352,24 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     return with_router_loss(model, out.lm_loss, out.aux_loss, {}, "lm_loss")
 
 
+def unlikelihood(logprobs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The unlikelihood of the candidate tokens: -sum log(1 - p(c)) over the entries where `candidates` is set.
+
+    The term of Welleck et al. 2020 ("Neural Text Generation with Unlikelihood Training", ICLR, sections 5.1
+    and 5.2) that pushes down tokens that should not come next: repeats of the reply's own tokens
+    (train_full_sft.py --unlikelihood_alpha) or the tokens of the model's own repeated n-grams
+    (train_unlikelihood.py). 1 - p is clamped at 1e-5, as in the paper's code, so a certain token gives no log(0).
+
+    Args:
+        logprobs: natural-log probabilities of the candidate tokens, any shape (float32).
+        candidates: the same shape, bool or 0/1: which entries count.
+    Returns:
+        A scalar: the sum over the counted entries (the caller divides by its token count).
+    """
+    one_minus_p = (1 - logprobs.exp()).clamp(min=1e-5)
+    return -(one_minus_p.log() * candidates).sum()
+
+
 def with_router_loss(model, loss: torch.Tensor, aux_loss: torch.Tensor | None, metrics: dict,
                      name: str) -> tuple[torch.Tensor, dict]:
     """Add a MoE router's load-balancing loss to a stage's loss: loss + router_aux_loss_coef * aux_loss.
