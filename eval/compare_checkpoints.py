@@ -7,7 +7,7 @@
 Each checkpoint is a stage name (`full_sft` -> <save_dir>/full_sft_<hidden_size>[_moe], as the trainer names its
 directories) or a directory; a LoRA adapter directory is put on the base model its adapter_config.json names and
 merged (model/loading.py's strict loader, as scripts/chat.py opens one). Without any, every checkpoint under
---save_dir at --hidden_size (and --use_moe) is taken, in the order of the stages (pretrain, full_sft,
+--save_dir at --hidden_size (and --use_moe) is taken, in the order of the stages (pretrain, full_sft, unlikelihood,
 reason_sft, lora_*, dpo, distill, grpo, ppo, agent, then the rest by name); reward models are left out (they
 score text and write none).
 
@@ -43,7 +43,7 @@ from trainer.trainer_utils import stage_scripts
 # the chat prompts of eval/check_replies.py (SFT stories, the LoRA identity) and a GSM8K-style question (GRPO)
 DEFAULT_PROMPTS = [*CHAT_PROMPTS, "Tom has 3 apples and buys 5 more. How many apples does he have now?"]
 # the stages in the order of the pipeline; a directory's stage is its name less _<hidden_size>[_moe]
-STAGE_ORDER = ("pretrain", "full_sft", "reason_sft", "lora", "dpo", "distill", "grpo", "ppo", "agent")
+STAGE_ORDER = ("pretrain", "full_sft", "unlikelihood", "reason_sft", "lora", "dpo", "distill", "grpo", "ppo", "agent")
 RAW_STAGES = ("pretrain",)  # trained on plain text only: no chat template
 CHAT, RAW = "chat", "raw"
 FORMAT_NOTES = {CHAT: "chat template", RAW: "pretrained only: raw text continuation, no chat template"}
