@@ -107,7 +107,7 @@ def test_the_stage_fine_tunes_a_checkpoint_and_logs_the_repeats(tmp_path, tokeni
     for record in steps:
         assert 0 < record["repeat_fraction"] <= 1 and record["completion_length"] > 0
         assert math.isclose(record["loss"], record["lm_loss"] + record["unlikelihood_loss"], rel_tol=1e-4)
-    assert "eval_repeat_fraction" in records[-1] or any("eval_repeat_fraction" in r for r in records)
+    assert any("eval_repeat_fraction" in r for r in records)  # the held-out prompts' continuations too
 
 
 def test_a_fresh_start_is_refused(tmp_path):
